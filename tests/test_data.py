@@ -1,0 +1,298 @@
+"""Data pipeline: image discovery, seeded augmentation, resumable sampling, demo data."""
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DistributedSampler
+
+from util.augment import GaussianBlur, LUTTwoViews, OneOf, eval_transform, mae_transform
+from util.datasets import (
+    PretrainDataset,
+    ResumableDistributedSampler,
+    augmentation_seed,
+    build_imagefolder,
+    check_images,
+    find_images,
+    load_image,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_image(h=40, w=60, seed=0):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def save_images(folder, names):
+    os.makedirs(folder, exist_ok=True)
+    for i, name in enumerate(names):
+        random_image(8, 8, seed=i).save(os.path.join(folder, name))
+
+
+def denormalize(x):
+    """[3, H, W] normalised tensor -> [3, H, W] pixel values in 0..255."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    return (x * std + mean) * 255
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_demo_data.py"), "--out", str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+# ---------------------------------------------------------------- augmentation
+
+def test_augmentation_is_a_pure_function_of_aug_seed(tmp_path):
+    random_image().save(tmp_path / "a.png")
+    ds = PretrainDataset([str(tmp_path / "a.png")], LUTTwoViews(32))
+    rng_before = torch.get_rng_state()
+    first, again, other = ds[(0, 123)], ds[(0, 123)], ds[(0, 124)]
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_lut_views_have_input_size_and_imagenet_normalisation():
+    grey = Image.new("RGB", (60, 40), (128, 128, 128))
+    view1, view2 = LUTTwoViews(32)(grey)
+    assert view1.shape == view2.shape == (3, 32, 32)
+    expected = (128 / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)
+    torch.testing.assert_close(view1, expected.view(3, 1, 1).expand(3, 32, 32))
+
+
+def test_view1_is_photometrically_clean_and_view2_is_not():
+    colour = (200, 50, 100)
+    img = Image.new("RGB", (48, 40), colour)
+    views = LUTTwoViews(32)
+    changed = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        view1, view2 = views(img)
+        # crop, flip and reflect padding cannot change a constant image; any colour op would
+        expected = torch.tensor(colour, dtype=torch.float).view(3, 1, 1).expand(3, 32, 32)
+        torch.testing.assert_close(denormalize(view1), expected, atol=1e-3, rtol=0)
+        changed += not torch.allclose(denormalize(view2), denormalize(view1), atol=0.5)
+    assert changed >= 15
+
+
+def test_view2_applies_exactly_one_of_grayscale_solarize_blur_uniformly():
+    views = LUTTwoViews(16)
+    one_of = next(t for t in views.view2.transforms if isinstance(t, OneOf))
+    kinds = [type(t) for t in one_of.transforms]
+    assert kinds == [T.Grayscale, T.RandomSolarize, GaussianBlur]
+    assert one_of.transforms[0].num_output_channels == 3
+    assert one_of.transforms[1].threshold == 128 and one_of.transforms[1].p == 1.0
+    assert one_of.transforms[2].sigma == (0.1, 2.0)
+    calls = []
+    one_of.transforms = [lambda img, k=k: calls.append(k) or img for k in range(3)]
+    img = random_image(16, 16)
+    for seed in range(300):
+        torch.manual_seed(seed)
+        before = len(calls)
+        views(img)
+        assert len(calls) == before + 1
+    counts = np.bincount(calls, minlength=3)
+    assert all(70 <= c <= 130 for c in counts), counts
+
+
+def test_view2_colour_jitter_is_applied_with_probability_0_8():
+    jitter = next(t for t in LUTTwoViews(16).view2.transforms if isinstance(t, T.RandomApply))
+    assert jitter.p == 0.8
+    (cj,) = jitter.transforms
+    assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+
+
+def test_solarize_inverts_pixels_from_128_up():
+    img = Image.fromarray(np.array([[[127] * 3, [128] * 3, [255] * 3]], dtype=np.uint8))
+    solarize = next(t for t in LUTTwoViews(16).view2.transforms if isinstance(t, OneOf)).transforms[1]
+    assert np.asarray(solarize(img))[0, :, 0].tolist() == [127, 127, 0]
+
+
+def test_mae_and_eval_transforms_give_input_size():
+    img = random_image(28, 28)
+    assert mae_transform(32)(img).shape == (3, 32, 32)
+    first, second = eval_transform(32)(img), eval_transform(32)(img)
+    assert first.shape == (3, 32, 32)
+    assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------- sampler
+
+@pytest.mark.parametrize("world_size", [1, 3, 4])
+@pytest.mark.parametrize("drop_last", [True, False])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_sampler_splits_indices_like_distributed_sampler(world_size, drop_last, shuffle):
+    n, seed, epoch = 50, 7, 3
+    for rank in range(world_size):
+        ref = DistributedSampler(range(n), world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        ref.set_epoch(epoch)
+        ours = ResumableDistributedSampler(n, world_size, rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        ours.set_epoch(epoch)
+        assert [i for i, _ in ours] == list(ref)
+        assert len(ours) == len(ref)
+
+
+def test_rank_takes_every_world_size_th_index_of_the_epoch_permutation():
+    n, world_size, seed, epoch = 48, 4, 1, 5
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    union = []
+    for rank in range(world_size):
+        sampler = ResumableDistributedSampler(n, world_size, rank, seed=seed)
+        sampler.set_epoch(epoch)
+        indices = [i for i, _ in sampler]
+        assert indices == perm[rank::world_size]
+        union += indices
+    assert sorted(union) == list(range(n))
+
+
+def test_epochs_are_shuffled_differently():
+    sampler = ResumableDistributedSampler(100)
+    sampler.set_epoch(0)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    assert [i for i, _ in sampler] != [i for i, _ in epoch0]
+
+
+def test_start_iter_skips_exactly_the_consumed_batches():
+    sampler = ResumableDistributedSampler(103, num_replicas=2, rank=1, seed=3)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4, start_iter=3, batch_size=8)
+    assert list(sampler) == full[24:]
+    assert len(sampler) == len(full) - 24
+    sampler.set_epoch(5)
+    assert len(sampler) == len(full)
+
+
+def test_start_iter_needs_batch_size_and_must_stay_within_the_epoch():
+    sampler = ResumableDistributedSampler(10, num_replicas=2, rank=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        sampler.set_epoch(0, start_iter=1)
+    with pytest.raises(ValueError, match="cannot skip"):
+        sampler.set_epoch(0, start_iter=2, batch_size=4)
+
+
+def test_aug_seed_depends_only_on_seed_epoch_and_index():
+    n = 40
+    seeds_by_index = {}
+    for world_size in (1, 2, 4):
+        for rank in range(world_size):
+            sampler = ResumableDistributedSampler(n, world_size, rank, seed=11)
+            sampler.set_epoch(2)
+            for index, aug_seed in sampler:
+                assert aug_seed == augmentation_seed(11, 2, index)
+                assert seeds_by_index.setdefault(index, aug_seed) == aug_seed
+    assert len(set(seeds_by_index.values())) == n
+    assert all(0 <= s < 2**63 for s in seeds_by_index.values())
+    assert augmentation_seed(11, 3, 0) != augmentation_seed(11, 2, 0) != augmentation_seed(12, 2, 0)
+
+
+# ---------------------------------------------------------------- image discovery and loading
+
+def test_find_images_accepts_imagenet_class_and_flat_layouts(tmp_path):
+    save_images(tmp_path / "imagenet" / "train" / "n01", ["b.JPEG", "a.jpg"])
+    save_images(tmp_path / "imagenet" / "train" / "n02", ["c.png"])
+    save_images(tmp_path / "imagenet" / "val" / "n01", ["v.jpg"])
+    assert find_images(str(tmp_path / "imagenet")) == [
+        str(tmp_path / "imagenet" / "train" / p) for p in ("n01/a.jpg", "n01/b.JPEG", "n02/c.png")]
+
+    save_images(tmp_path / "classes" / "cat", ["x.bmp"])
+    save_images(tmp_path / "classes" / "dog", ["y.webp"])
+    assert find_images(str(tmp_path / "classes")) == [
+        str(tmp_path / "classes" / p) for p in ("cat/x.bmp", "dog/y.webp")]
+
+    save_images(tmp_path / "flat", ["2.jpeg", "1.png", "._1.png"])
+    (tmp_path / "flat" / "notes.txt").write_text("not an image")
+    assert find_images(str(tmp_path / "flat")) == [str(tmp_path / "flat" / p) for p in ("1.png", "2.jpeg")]
+
+
+def test_find_images_rejects_missing_path(tmp_path):
+    missing = str(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+        find_images(missing)
+
+
+def test_find_images_rejects_folder_without_images(tmp_path):
+    (tmp_path / "empty" / "class_a").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty"))):
+        find_images(str(tmp_path / "empty"))
+
+
+def test_corrupt_image_error_names_the_file(tmp_path):
+    save_images(tmp_path, ["good.png"])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"this is not a jpeg")
+    paths = [str(tmp_path / "good.png"), str(bad)]
+    with pytest.raises(OSError, match="bad.jpg"):
+        check_images(paths)
+    with pytest.raises(OSError, match="bad.jpg"):
+        PretrainDataset(paths, mae_transform(16))[(1, 0)]
+
+
+def test_check_images_decodes_first_and_last_when_sampling(tmp_path):
+    save_images(tmp_path, [f"{i:02d}.png" for i in range(9)])
+    (tmp_path / "99.png").write_bytes(b"truncated")
+    with pytest.raises(OSError, match="99.png"):
+        check_images(find_images(str(tmp_path)), max_files=3)
+
+
+def test_load_image_returns_rgb(tmp_path):
+    Image.new("L", (5, 4), 7).save(tmp_path / "gray.png")
+    img = load_image(str(tmp_path / "gray.png"))
+    assert img.mode == "RGB" and img.size == (5, 4)
+
+
+# ---------------------------------------------------------------- demo data
+
+def test_make_demo_data_writes_balanced_imagefolder(demo_dir):
+    for split, per_class in (("train", 300), ("val", 100)):
+        classes = sorted(os.listdir(demo_dir / split))
+        assert len(classes) == 10 and "t-shirt_top" in classes and "ankle_boot" in classes
+        assert all(len(os.listdir(demo_dir / split / c)) == per_class for c in classes)
+    img = Image.open(next((demo_dir / "val" / "trouser").iterdir()))
+    assert img.mode == "RGB" and img.size == (28, 28)
+
+
+def test_make_demo_data_is_idempotent(demo_dir):
+    before = os.stat(demo_dir / "train" / "bag").st_mtime_ns
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_demo_data.py"), "--out", str(demo_dir)],
+                            check=True, capture_output=True, text=True)
+    assert "skipping" in result.stdout
+    assert os.stat(demo_dir / "train" / "bag").st_mtime_ns == before
+
+
+def test_demo_data_feeds_pretraining_and_classification(demo_dir):
+    assert len(find_images(str(demo_dir))) == 3000
+    val = build_imagefolder(str(demo_dir), "val", eval_transform(32))
+    assert len(val) == 1000 and len(val.classes) == 10
+    x, label = val[0]
+    assert x.shape == (3, 32, 32) and val.classes[label] == "ankle_boot"
+
+
+def test_build_imagefolder_rejects_missing_split(tmp_path):
+    with pytest.raises(FileNotFoundError, match="val"):
+        build_imagefolder(str(tmp_path), "val", eval_transform(32))
+
+
+def test_batches_do_not_depend_on_num_workers(tmp_path):
+    save_images(tmp_path, [f"{i}.png" for i in range(8)])
+    ds = PretrainDataset(find_images(str(tmp_path)), LUTTwoViews(16))
+    sampler = ResumableDistributedSampler(len(ds), seed=5)
+    sampler.set_epoch(1)
+    batches = [list(torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=w)) for w in (0, 2)]
+    assert len(batches[0]) == len(batches[1]) == 2
+    for (a1, a2), (b1, b2) in zip(*batches):
+        assert torch.equal(a1, b1) and torch.equal(a2, b2)

@@ -1,0 +1,149 @@
+"""Image lists, datasets and the resumable sampler.
+
+Pre-training reads unlabeled images; its augmentations are seeded per sample from (seed, epoch, index) by
+`ResumableDistributedSampler`, so a run gives the same batches whatever the number of workers or GPUs, and a resumed
+run continues mid-epoch exactly where it stopped. Fine-tuning and linear probing use labeled ImageFolder datasets.
+"""
+import hashlib
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def is_image_file(path):
+    """True for files with an image extension (any case). Hidden files such as macOS `._x.jpg` are skipped."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_in(folder):
+    return sorted(e.path for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
+
+
+def find_images(root):
+    """Sorted image paths under `root`, for pre-training (labels are ignored).
+
+    Accepts, in this order: ImageNet-style `root/train/<class>/<image>`, class folders `root/<class>/<image>`, or a
+    flat folder `root/<image>`.
+    """
+    if not os.path.exists(root):
+        raise FileNotFoundError(f"data path {root} does not exist")
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"data path {root} is not a folder")
+    folder = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
+    class_dirs = sorted(e.path for e in os.scandir(folder) if e.is_dir())
+    paths = [p for d in class_dirs for p in _images_in(d)] or _images_in(folder)
+    if not paths:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder} or its class folders")
+    return paths
+
+
+def load_image(path):
+    """Decode an image file as RGB PIL image; an unreadable file raises OSError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise OSError(f"cannot read image file {path}: {e}") from e
+
+
+def check_images(paths, max_files=16):
+    """Fail early on unreadable images: decode all of `paths` if there are at most `max_files`, otherwise
+    `max_files` evenly spaced ones (first and last included)."""
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(max_files, len(paths))).round().astype(int))
+    for i in picks:
+        load_image(paths[i])
+
+
+class PretrainDataset(torch.utils.data.Dataset):
+    """Unlabeled images whose augmentation is a pure function of a per-sample seed.
+
+    Keys are `(index, aug_seed)` tuples from `ResumableDistributedSampler`. Returns whatever `transform` returns for
+    the RGB image: a (view1, view2) tuple for `LUTTwoViews`, a tensor for `mae_transform`.
+    """
+
+    def __init__(self, paths, transform):
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, key):
+        index, aug_seed = key
+        img = load_image(self.paths[index])
+        # Seed only the CPU generator inside a fork: torch.manual_seed would also reseed CUDA generators (used for
+        # masking in the main process when num_workers=0), and the caller's RNG stream must not depend on the data.
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(aug_seed)
+            return self.transform(img)
+
+
+def augmentation_seed(seed, epoch, index):
+    """Seed in [0, 2**63) for the augmentation of sample `index` in `epoch`; depends on nothing else."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ResumableDistributedSampler(torch.utils.data.Sampler):
+    """torch's DistributedSampler index split, yielding `(index, aug_seed)` keys and able to resume mid-epoch.
+
+    The epoch permutation comes from `seed + epoch` and rank r takes `perm[r::num_replicas]`, exactly as
+    torch.utils.data.DistributedSampler; with `drop_last` the tail that does not divide evenly is dropped, otherwise
+    the list is padded by repeating its start.
+    """
+
+    def __init__(self, dataset_len, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.dataset_len = dataset_len
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        if drop_last:
+            self.num_samples = dataset_len // num_replicas
+        else:
+            self.num_samples = math.ceil(dataset_len / num_replicas)
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch, start_iter=0, batch_size=None):
+        """Select the epoch; `start_iter` batches of `batch_size` already consumed on this rank are skipped."""
+        if start_iter and batch_size is None:
+            raise ValueError("set_epoch needs batch_size to skip start_iter batches")
+        start = start_iter * (batch_size or 0)
+        if start > self.num_samples:
+            raise ValueError(f"cannot skip {start} samples: this rank has only {self.num_samples} per epoch")
+        self.epoch = epoch
+        self.start = start
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            indices = torch.randperm(self.dataset_len, generator=g).tolist()
+        else:
+            indices = list(range(self.dataset_len))
+        total = self.num_samples * self.num_replicas
+        indices = (indices * math.ceil(total / len(indices)))[:total]
+        mine = indices[self.rank:total:self.num_replicas][self.start:]
+        return iter([(i, augmentation_seed(self.seed, self.epoch, i)) for i in mine])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def build_imagefolder(root, split, transform):
+    """Labeled `root/<split>/<class>/<image>` dataset (torchvision ImageFolder) for fine-tuning and linear probing."""
+    folder = os.path.join(root, split)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"data path {folder} does not exist (expected {root}/{split}/<class>/<images>)")
+    return ImageFolder(folder, transform=transform, loader=load_image, is_valid_file=is_image_file)
