@@ -1,0 +1,442 @@
+"""Behaviour of util/: lr rules and schedule, checkpoints, cross-rank BatchNorm, launcher mapping, logging."""
+import argparse
+import builtins
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from util import dist as dist_util
+from util.batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
+from util.checkpoint import (find_resume_checkpoint, load_checkpoint, normalize_pretrained, rng_state,
+                             save_checkpoint, set_rng_state)
+from util.logging import MetricLogger, append_json_log, create_tb_writer
+from util.lr_sched import adjust_learning_rate, effective_lr
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- learning rate
+
+def _schedule_args(**kw):
+    return argparse.Namespace(**{"lr": 1.0, "min_lr": 0.1, "warmup_epochs": 4, "epochs": 10, **kw})
+
+
+def _optimizer(*lr_scales):
+    groups = [{"params": [nn.Parameter(torch.zeros(1))], "lr_scale": s} for s in lr_scales]
+    return torch.optim.SGD(groups or [nn.Parameter(torch.zeros(1))], lr=0.0)
+
+
+@pytest.mark.parametrize("epoch, expected", [
+    (0.0, 0.0),  # warm-up starts from 0
+    (1.0, 0.25),  # linear during warm-up
+    (2.0, 0.5),
+    (4.0, 1.0),  # peak at the end of warm-up
+    (7.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))),  # half-way through the cosine
+    (10.0, 0.1),  # min_lr at the end of the schedule
+])
+def test_lr_schedule_warms_up_linearly_then_follows_half_cosine(epoch, expected):
+    optimizer = _optimizer()
+    lr = adjust_learning_rate(optimizer, epoch, _schedule_args())
+    assert lr == expected
+    assert optimizer.param_groups[0]["lr"] == expected
+
+
+def test_lr_schedule_is_monotone_per_iteration_and_ends_at_min_lr():
+    args = _schedule_args(min_lr=0.0)
+    lrs = [adjust_learning_rate(_optimizer(), step / 100, args) for step in range(1001)]
+    assert lrs[0] == 0.0 and lrs[400] == 1.0 and lrs[-1] == 0.0
+    assert all(a < b for a, b in zip(lrs[:400], lrs[1:401]))
+    assert all(a > b for a, b in zip(lrs[400:], lrs[401:]))
+
+
+def test_lr_schedule_applies_param_group_lr_scale():
+    optimizer = _optimizer(1.0, 0.5, 0.25)
+    lr = adjust_learning_rate(optimizer, 4.0, _schedule_args(lr=2.0))
+    assert lr == 2.0
+    assert [g["lr"] for g in optimizer.param_groups] == [2.0, 1.0, 0.5]
+
+
+@pytest.mark.parametrize("rule", ["sqrt", "linear"])
+def test_sqrt_and_linear_lr_rules_agree_at_batch_4096_for_pretraining(rule):
+    args = argparse.Namespace(lr=None, blr=1.5e-4, lr_scale=rule)
+    assert effective_lr(args, 4096) == pytest.approx(1.5e-4 * 64 / 4, rel=1e-12)
+    assert effective_lr(args, 4096) == pytest.approx(2.4e-3, rel=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["sqrt", "linear"])
+def test_sqrt_and_linear_lr_rules_agree_at_batch_1024_for_finetuning(rule):
+    args = argparse.Namespace(lr=None, blr=1e-3, lr_scale=rule)
+    assert effective_lr(args, 1024, divisor=8) == pytest.approx(4e-3, rel=1e-12)
+
+
+def test_lr_rules_differ_away_from_the_reference_batch():
+    sqrt = effective_lr(argparse.Namespace(lr=None, blr=1.5e-4, lr_scale="sqrt"), 256)
+    linear = effective_lr(argparse.Namespace(lr=None, blr=1.5e-4, lr_scale="linear"), 256)
+    assert sqrt == pytest.approx(1.5e-4 * 16 / 4) and linear == pytest.approx(1.5e-4)
+
+
+def test_absolute_lr_overrides_blr():
+    assert effective_lr(argparse.Namespace(lr=0.01, blr=1.5e-4, lr_scale="sqrt"), 4096) == 0.01
+
+
+def test_unknown_lr_rule_is_an_error():
+    with pytest.raises(ValueError, match="lr_scale"):
+        effective_lr(argparse.Namespace(lr=None, blr=1.5e-4, lr_scale="cubic"), 4096)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+class NotAWeight:
+    """A custom class: unpickling it would mean importing and running arbitrary code."""
+
+
+def test_checkpoint_roundtrip_loads_with_weights_only(tmp_path):
+    state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "epoch": 3, "args": {"lr": 1e-3, "name": "lut"}}
+    save_checkpoint(state, tmp_path / "checkpoint-last.pth")
+    loaded = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+    assert loaded["epoch"] == 3 and loaded["args"] == {"lr": 1e-3, "name": "lut"}
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-last.pth"]
+
+
+def test_checkpoint_killed_mid_save_leaves_previous_file_loadable(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    save_checkpoint({"epoch": 1, "w": torch.arange(4.0)}, path)
+    # The child writes a 64 MB checkpoint and stalls before the rename (a slow disk): SIGKILL it mid-save.
+    child = textwrap.dedent(f"""
+        import os, time, torch
+        from util.checkpoint import save_checkpoint
+        os.fsync = lambda fd: time.sleep(600)
+        save_checkpoint({{"epoch": 2, "w": torch.zeros(16, 2**20)}}, {str(path)!r})
+    """)
+    before = path.stat()
+
+    def writing_started():  # a new file in the directory, or the checkpoint itself touched
+        now = path.stat()
+        return (now.st_ino, now.st_size) != (before.st_ino, before.st_size) or any(
+            p != path and p.stat().st_size > 0 for p in tmp_path.iterdir())
+
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=REPO)
+    deadline = time.time() + 30
+    while not writing_started():
+        assert proc.poll() is None, "the child exited before it started writing"
+        assert time.time() < deadline, "the child never started writing"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["w"], torch.arange(4.0))
+    # The next save overwrites the leftover partial file.
+    save_checkpoint({"epoch": 3}, path)
+    assert load_checkpoint(path) == {"epoch": 3}
+    assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
+def test_checkpoint_with_namespace_args_loads_with_weights_only(tmp_path):
+    # The LUT authors' checkpoints store args as an argparse.Namespace.
+    args = argparse.Namespace(model="lut_vit_base_patch16", blr=1.5e-4, input_size=224)
+    torch.save({"model": {"w": torch.ones(2)}, "args": args, "epoch": 1599}, tmp_path / "authors.pth")
+    loaded = load_checkpoint(tmp_path / "authors.pth")
+    assert loaded["args"] == args and loaded["epoch"] == 1599
+
+
+def test_checkpoint_needing_unsafe_unpickling_is_refused(tmp_path):
+    path = tmp_path / "unsafe.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "extra": NotAWeight()}, path)
+    with pytest.raises(pickle.UnpicklingError) as err:
+        load_checkpoint(path)
+    message = str(err.value)
+    assert str(path) in message and "unsafe unpickling" in message and "refused" in message
+    assert "NotAWeight" in message
+
+
+def test_truncated_checkpoint_error_names_the_file(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    save_checkpoint({"w": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(Exception) as err:
+        load_checkpoint(path)
+    assert f"while reading checkpoint {path}" in err.value.__notes__
+
+
+def test_missing_checkpoint_is_file_not_found(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+def test_explicit_resume_wins_over_auto_resume(tmp_path):
+    (tmp_path / "checkpoint-last.pth").touch()
+    explicit = tmp_path / "checkpoint-10.pth"
+    explicit.touch()
+    assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=True) == str(explicit)
+
+
+def test_auto_resume_finds_last_checkpoint_only_when_enabled_and_present(tmp_path):
+    assert find_resume_checkpoint(str(tmp_path), "", auto_resume=True) is None
+    (tmp_path / "checkpoint-last.pth").touch()
+    assert find_resume_checkpoint(str(tmp_path), "", auto_resume=True) == str(tmp_path / "checkpoint-last.pth")
+    assert find_resume_checkpoint(str(tmp_path), "", auto_resume=False) is None
+
+
+def test_missing_explicit_resume_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        find_resume_checkpoint(str(tmp_path), str(tmp_path / "nope.pth"), auto_resume=True)
+
+
+def _weights(prefix=""):
+    return {f"{prefix}cls_token": torch.zeros(1, 1, 4), f"{prefix}blocks.0.attn.qkv.weight": torch.ones(12, 4)}
+
+
+@pytest.mark.parametrize("ckpt, key", [
+    ({"model": _weights(), "model_ema": _weights(), "optimizer": {}, "epoch": 5, "args": {}}, "model"),  # ours
+    ({"model": _weights(), "model_ema": _weights(), "optimizer": {}, "epoch": 5, "args": {}}, "model_ema"),
+    ({"model": _weights(), "model_ema": _weights("ema."), "args": argparse.Namespace()}, "model_ema"),  # authors'
+    ({"model": _weights("module.")}, "model"),  # MAE release / a DDP-wrapped save
+])
+def test_normalize_pretrained_gives_plain_encoder_keys(ckpt, key):
+    state = normalize_pretrained(ckpt, key)
+    assert list(state) == ["cls_token", "blocks.0.attn.qkv.weight"]
+    assert torch.equal(state["blocks.0.attn.qkv.weight"], torch.ones(12, 4))
+
+
+def test_normalize_pretrained_names_available_keys_when_key_is_missing():
+    with pytest.raises(KeyError, match="model_ema.*'model'"):
+        normalize_pretrained({"model": _weights()}, "model_ema")
+
+
+def _draw():
+    return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    save_checkpoint({"rng": rng_state()}, tmp_path / "ckpt.pth")
+    expected = _draw()
+    _draw()
+    set_rng_state(load_checkpoint(tmp_path / "ckpt.pth")["rng"])
+    assert _draw() == expected
+
+
+# ---------------------------------------------------------------- cross-rank BatchNorm
+
+def _bn_pair(shape_c=6, momentum=0.1):
+    torch.manual_seed(0)
+    ref = nn.BatchNorm1d(shape_c, momentum=momentum)
+    nn.init.normal_(ref.weight)
+    nn.init.normal_(ref.bias)
+    ours = SyncBatchNorm1d(shape_c, momentum=momentum)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+@pytest.mark.parametrize("shape", [(8, 6), (8, 6, 5)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_sync_batchnorm_equals_batchnorm1d_in_one_process(shape, momentum):
+    ref, ours = _bn_pair(momentum=momentum)
+    for step in range(3):
+        x = torch.randn(shape) * 3 + step
+        x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(shape)
+        y_ref, y_ours = ref(x_ref), ours(x_ours)
+        (y_ref * g).sum().backward()
+        (y_ours * g).sum().backward()
+        assert torch.equal(y_ref, y_ours) and torch.equal(x_ref.grad, x_ours.grad)
+    assert torch.equal(ref.weight.grad, ours.weight.grad) and torch.equal(ref.bias.grad, ours.bias.grad)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, ours.state_dict()[k]), k
+    ref.eval(), ours.eval()
+    x = torch.randn(shape)
+    assert torch.equal(ref(x), ours(x))
+
+
+def test_convert_sync_batchnorm_keeps_keys_parameters_and_buffers():
+    head = nn.Sequential(nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4, bias=False))
+    head(torch.randn(5, 4))  # non-trivial running stats
+    head.eval()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    weight = head[1].weight
+    model = nn.ModuleDict({"projector": head})
+    converted = convert_sync_batchnorm(model, "cpu")
+    assert type(converted["projector"][1]) is SyncBatchNorm1d
+    assert converted["projector"][1].weight is weight  # an optimizer built earlier still trains it
+    assert not converted["projector"][1].training
+    after = converted.state_dict()
+    assert list(after) == ["projector." + k for k in before]
+    assert all(torch.equal(before[k], after["projector." + k]) for k in before)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _head(c_in, three_d, bn):
+    """Linear (a 1x1 Conv1d for [N, C, L]) then BatchNorm, like the LUT projector's first two layers."""
+    torch.manual_seed(0)
+    first = nn.Conv1d(c_in, 4, 1, bias=False) if three_d else nn.Linear(c_in, 4, bias=False)
+    model = nn.Sequential(first, bn(4))
+    nn.init.normal_(model[1].weight)
+    nn.init.normal_(model[1].bias)
+    return model
+
+
+def _train_steps(model, xs, gs):
+    """One backward of mean(model(x) * g) per batch (the mean over this process's samples); grads accumulate."""
+    ys, x_grads = [], []
+    for x, g in zip(xs, gs):
+        x = x.clone().requires_grad_()
+        y = model(x)
+        (y * g).mean().backward()
+        ys.append(y.detach())
+        x_grads.append(x.grad)
+    return ys, x_grads
+
+
+def _sync_bn_worker(rank, world_size, port, cases, out_dir):
+    """One rank of a gloo job: the same steps as one process on the full batches, on this rank's share of each."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    args = argparse.Namespace(device="cpu")
+    dist_util.init_distributed(args)
+    results = {"layout": (args.rank, args.world_size, args.distributed),
+               "mean_of_ranks": dist_util.all_reduce_mean(float(rank))}
+    for name, (x, g) in cases.items():
+        model = DistributedDataParallel(_head(x.shape[2], x.dim() == 4, SyncBatchNorm1d))  # averages gradients
+        share = slice(rank * x.shape[1] // world_size, (rank + 1) * x.shape[1] // world_size)
+        ys, x_grads = _train_steps(model, x[:, share], g[:, share])
+        model = model.module.eval()
+        results[name] = {"ys": ys, "x_grads": x_grads, "grads": [p.grad for p in model.parameters()],
+                         "state": model.state_dict(), "y_eval": model(x[0, share]).detach()}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sync_batchnorm_two_ranks_with_half_batches_equal_one_rank_with_full_batch(tmp_path):
+    torch.manual_seed(1)
+    world, b, steps = 2, 8, 2
+    cases = {"[N, C]": (torch.randn(steps, b, 6) * 2 + 1, torch.randn(steps, b, 4)),
+             "[N, C, L]": (torch.randn(steps, b, 6, 3) - 1, torch.randn(steps, b, 4, 3))}
+    mp.spawn(_sync_bn_worker, args=(world, _free_port(), cases, str(tmp_path)), nprocs=world)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    assert [r["layout"] for r in ranks] == [(0, 2, True), (1, 2, True)]
+    assert [r["mean_of_ranks"] for r in ranks] == [0.5, 0.5]
+    close = lambda got, want: torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # noqa: E731
+    for name, (x, g) in cases.items():
+        ref = _head(x.shape[2], x.dim() == 4, nn.BatchNorm1d)
+        ys, x_grads = _train_steps(ref, x, g)
+        ref.eval()
+        y_eval = ref(x[0]).detach()
+        for r, res in enumerate(ranks):
+            share = slice(r * b // world, (r + 1) * b // world)
+            for step in range(steps):
+                close(res[name]["ys"][step], ys[step][share])
+                # As with torch's SyncBatchNorm, a rank's input gradient is that of the sum of the ranks' losses.
+                close(res[name]["x_grads"][step], world * x_grads[step][share])
+            for got, p in zip(res[name]["grads"], ref.parameters()):
+                close(got, p.grad)
+            for k, v in ref.state_dict().items():  # running mean, unbiased running var, num_batches_tracked
+                close(res[name]["state"][k], v)
+            close(res[name]["y_eval"], y_eval[share])
+
+
+# ---------------------------------------------------------------- launcher mapping
+
+def test_slurm_srun_variables_map_to_rank_world_size_and_local_rank():
+    seen = []
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+           "SLURM_JOB_NODELIST": "gpu[07-08]"}
+    layout = dist_util.launcher_env(env, first_host=lambda nodelist: seen.append(nodelist) or "gpu07")
+    assert seen == ["gpu[07-08]"]
+    assert layout == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
+                      "MASTER_PORT": str(20000 + 123456 % 20000)}
+
+
+def test_slurm_mapping_keeps_master_address_and_port_from_the_environment():
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "n1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    layout = dist_util.launcher_env(env, first_host=lambda nodelist: pytest.fail("scontrol must not be called"))
+    assert (layout["MASTER_ADDR"], layout["MASTER_PORT"]) == ("10.0.0.1", "29500")
+
+
+def test_torchrun_variables_win_inside_a_slurm_allocation():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "h", "MASTER_PORT": "1234",
+           "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}
+    assert dist_util.launcher_env(env) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "MASTER_ADDR": "h",
+                                           "MASTER_PORT": "1234"}
+
+
+def test_plain_process_is_not_distributed(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(builtins, "print", builtins.print)  # init_distributed wraps print
+    args = argparse.Namespace(device="cpu")
+    dist_util.init_distributed(args)
+    assert (args.rank, args.world_size, args.gpu, args.distributed) == (0, 1, 0, False)
+    assert dist_util.local_device(args) == torch.device("cpu")
+    assert dist_util.all_reduce_mean(2.5) == 2.5
+
+
+def test_local_device_is_the_local_rank_gpu():
+    assert dist_util.local_device(argparse.Namespace(device="cuda", gpu=3)) == torch.device("cuda", 3)
+
+
+# ---------------------------------------------------------------- logging
+
+def test_metric_logger_prints_window_and_global_means(capsys):
+    logger = MetricLogger(header="Epoch [0]", print_freq=2)
+    for i in logger.log_every(range(5), images_per_iter=64):
+        logger.update(loss=torch.tensor(float(i)), acc=float(10 * i))
+        logger.set(lr=0.0024)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in lines[:3]] == ["Epoch [0] [2/5]", "Epoch [0] [4/5]", "Epoch [0] [5/5]"]
+    assert "loss 0.5000 (0.5000)" in lines[0] and "loss 2.5000 (1.5000)" in lines[1]
+    assert "loss 4.0000 (2.0000)" in lines[2] and "acc 40.0000 (20.0000)" in lines[2]
+    assert all(f in lines[0] for f in ("eta 0:00:00", "lr 0.0024", "img/s ", "time ", "data ", "mem "))
+    assert lines[3].startswith("Epoch [0] total time")
+    assert logger.summary() == {"loss": 2.0, "acc": 20.0, "lr": 0.0024}
+
+
+def test_metric_logger_counts_from_the_resume_iteration(capsys):
+    logger = MetricLogger(header="Epoch [3]", print_freq=4, total_iters=10)
+    for _ in logger.log_every(range(4), start_iter=6):
+        logger.update(loss=1.0)
+    assert [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()[:2]] == \
+        ["Epoch [3] [ 8/10]", "Epoch [3] [10/10]"]
+
+
+def test_json_log_appends_one_line_per_record(tmp_path):
+    append_json_log(str(tmp_path), {"epoch": 0, "train_loss": 0.5})
+    append_json_log(str(tmp_path), {"epoch": 1, "train_loss": 0.25})
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"epoch": 0, "train_loss": 0.5}, {"epoch": 1, "train_loss": 0.25}]
+
+
+def test_tensorboard_writer_on_rank_zero_only_with_a_log_dir(tmp_path):
+    writer = create_tb_writer(str(tmp_path / "tb"))
+    writer.add_scalar("train/loss", 1.0, 0)
+    writer.close()
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
+    assert create_tb_writer(None) is None

@@ -1,0 +1,107 @@
+"""Distributed setup for torchrun, SLURM `srun` (one task per GPU) or a single process, plus small collectives."""
+import builtins
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+_builtin_print = builtins.print
+
+
+def slurm_first_host(nodelist):
+    """First host name of a SLURM node list such as 'node[03-05]' (the job's rank-0 node)."""
+    return subprocess.check_output(["scontrol", "show", "hostnames", nodelist], text=True).split()[0]
+
+
+def launcher_env(env, first_host=slurm_first_host):
+    """Rank layout from the launcher's environment variables, without touching any process group.
+
+    Returns None for a plain single process, else a dict with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    (strings, ready for os.environ). torchrun's variables win, so torchrun inside a SLURM allocation works.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+        return {k: env[k] for k in keys}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env["SLURM_LOCALID"],
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
+            # Every task of the job derives the same port; jobs sharing a node rarely collide.
+            "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env["SLURM_JOB_ID"]) % 20000),
+        }
+    return None
+
+
+def init_distributed(args):
+    """Join the process group the launcher describes; sets args.rank, args.world_size, args.gpu, args.distributed.
+
+    Backend nccl when args.device is 'cuda...', else gloo (CPU runs). A world of size 1 runs without a process group.
+    Only rank 0 prints afterwards (print(..., force=True) prints on every rank).
+    """
+    layout = launcher_env(os.environ)
+    if layout is None or int(layout["WORLD_SIZE"]) == 1:
+        args.rank, args.world_size, args.distributed = 0, 1, False
+        args.gpu = int(layout["LOCAL_RANK"]) if layout else 0
+        setup_for_distributed(True)
+        return
+    os.environ.update(layout)
+    args.rank, args.world_size, args.gpu = int(layout["RANK"]), int(layout["WORLD_SIZE"]), int(layout["LOCAL_RANK"])
+    args.distributed = True
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.gpu)
+        dist.init_process_group("nccl", init_method="env://", rank=args.rank, world_size=args.world_size,
+                                device_id=torch.device("cuda", args.gpu))
+    else:
+        dist.init_process_group("gloo", init_method="env://", rank=args.rank, world_size=args.world_size)
+    print(f"| distributed init: rank {args.rank}/{args.world_size}, local rank {args.gpu}, "
+          f"{dist.get_backend()} via {layout['MASTER_ADDR']}:{layout['MASTER_PORT']}", flush=True)
+    dist.barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def local_device(args):
+    """The torch.device this process computes on: 'cuda:<local rank>' for --device cuda, else args.device."""
+    if args.device.startswith("cuda"):
+        return torch.device("cuda", args.gpu)
+    return torch.device(args.device)
+
+
+def setup_for_distributed(is_master):
+    """Silence print() on non-master ranks; print(..., force=True) still prints."""
+    def print(*a, force=False, **kw):
+        if is_master or force:
+            _builtin_print(*a, **kw)
+    builtins.print = print
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_mean(x):
+    """Mean over ranks of a floating tensor (any shape) or a float, returned as the same kind; x itself on one rank."""
+    if get_world_size() == 1:
+        return x
+    # nccl only reduces CUDA tensors, so CPU values travel through the current GPU.
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if not torch.is_tensor(x):
+        return all_reduce_mean(torch.tensor(float(x), dtype=torch.float64, device=device)).item()
+    t = x.detach().to(device, copy=True)
+    dist.all_reduce(t)
+    return (t / get_world_size()).to(x.device)
