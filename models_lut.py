@@ -123,6 +123,10 @@ class MaskedAutoencoderViT(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         self.apply(self._init_weights)
 
+    def no_weight_decay(self):
+        """Parameters excluded from weight decay besides biases and norms (SPEC §3): tokens and position embeddings."""
+        return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
+
     @staticmethod
     def _init_weights(m):
         if isinstance(m, nn.Linear):

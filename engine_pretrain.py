@@ -1,0 +1,122 @@
+"""One epoch of MAE or LUT pre-training (SPEC §2), resumable at any optimizer step."""
+import contextlib
+import hashlib
+
+import torch
+
+from models_lut import bc_loss, lut_loss
+from util.ema import momentum_at, update_teacher
+from util.lr_sched import adjust_learning_rate
+from util.logging import MetricLogger
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def masking_noise(args, epoch, micro_step, batch_size, num_patches, device):
+    """Masking noise [batch_size, L] for this rank, a pure function of (seed, epoch, micro step).
+
+    The noise of the whole global batch is drawn and rank r keeps rows r::world_size: the sampler deals samples the
+    same way, so each image gets the same mask whatever the number of ranks, and a resumed run draws the same masks.
+    """
+    key = hashlib.blake2b(f"{args.seed}/{epoch}/{micro_step}".encode(), digest_size=8).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(key, "little") >> 1)
+    noise = torch.rand(batch_size * args.world_size, num_patches, generator=g, device=device)
+    return noise[args.rank::args.world_size]
+
+
+class NonFiniteGuard:
+    """Remembers the first optimizer step whose loss terms were not finite, without a host sync per step."""
+
+    def __init__(self, device):
+        self.step = torch.full((), -1, dtype=torch.long, device=device)
+        self.terms = None
+
+    def update(self, step, terms):
+        values = torch.stack([v.detach().float() for v in terms.values()])
+        first = (self.step < 0) & ~torch.isfinite(values).all()
+        self.step = torch.where(first, step, self.step)  # a python int: no host-to-device copy
+        self.terms = values if self.terms is None else torch.where(first, values, self.terms)
+        self.names = list(terms)
+
+    def check(self):
+        """Raise if a non-finite loss was seen (this syncs: call it at print intervals and before saving)."""
+        step = int(self.step)
+        if step >= 0:
+            terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(self.names, self.terms.tolist()))
+            raise NonFiniteLossError(f"non-finite loss at optimizer step {step} ({terms}); stopping without saving, "
+                                     f"the last checkpoint is untouched")
+
+
+def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoch, args, start_step=0,
+                    log_writer=None, should_stop=lambda step: False):
+    """Train from optimizer step `start_step` of `epoch` to the end of the epoch, or until should_stop(global_step).
+
+    model: the student (DDP-wrapped when distributed); teacher: the EMA copy for LUT, None for MAE.
+    args.steps_per_epoch optimizer steps make an epoch, each of args.accum_iter micro-batches.
+    Returns (stats: dict of epoch means, steps_done: optimizer steps of this epoch completed so far).
+    """
+    model.train()
+    student = model.module if hasattr(model, "module") else model
+    accum, lut = args.accum_iter, teacher is not None
+    micro_per_epoch = args.steps_per_epoch * accum
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=micro_per_epoch)
+    guard = NonFiniteGuard(device)
+    step = start_step
+    optimizer.zero_grad(set_to_none=True)
+
+    batches = logger.log_every(data_loader, images_per_iter=args.batch_size * args.world_size,
+                               start_iter=start_step * accum)
+    for micro, batch in enumerate(batches, start=start_step * accum):
+        if micro >= micro_per_epoch:
+            break
+        global_step = epoch * args.steps_per_epoch + step
+        if micro % accum == 0:
+            lr = adjust_learning_rate(optimizer, epoch + micro / micro_per_epoch, args)
+        views = [v.to(device, non_blocking=True) for v in (batch if lut else [batch])]
+        noise = masking_noise(args, epoch, micro, views[0].shape[0], student.num_patches, device)
+
+        with autocast:
+            if lut:
+                k1, k2 = teacher.forward_teacher(*views)
+                out = model(*views, mask_ratio=args.mask_ratio, noise=noise)
+                bc = bc_loss(out["q1"], out["q2"], k1, k2)
+                loss = lut_loss(out["mim_loss"], bc, args.w_mae, args.w_bc)
+                terms = dict(loss=loss, mim=out["mim_loss"], bc=bc)
+            else:
+                loss, _, _ = model(views[0], mask_ratio=args.mask_ratio, noise=noise)
+                terms = dict(loss=loss)
+
+        last_micro = (micro + 1) % accum == 0
+        # Micro-steps inside an accumulation window skip DDP's gradient all-reduce.
+        sync = contextlib.nullcontext() if last_micro or not args.distributed else model.no_sync()
+        with sync:
+            scaler.scale(loss / accum).backward()
+        guard.update(global_step, terms)
+        logger.update(**terms)
+
+        if last_micro:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if lut:
+                m = momentum_at(global_step, args.total_steps, args.model_ema_decay)
+                update_teacher(teacher, student, m)
+                logger.set(momentum=m)
+            logger.set(lr=lr)
+            step += 1
+        if (micro + 1) % args.print_freq == 0:
+            guard.check()
+            if log_writer is not None:
+                for name, value in terms.items():
+                    log_writer.add_scalar(f"train/{name}", value.item(), global_step)  # rank 0's batch
+                log_writer.add_scalar("train/lr", lr, global_step)
+        if last_micro and should_stop(global_step + 1):
+            break
+
+    guard.check()
+    return logger.summary(), step
