@@ -1,0 +1,31 @@
+# Two commands: `make demo` (a short LUT pre-training on the built-in demo data) and `make test`.
+# Both create ./.venv on first use. TORCH pins the wheels installed first; override it for your CUDA, e.g.
+#   make demo TORCH="torch torchvision"
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+DEMO_OUT ?= output_dir/demo_lut
+
+.PHONY: demo test clean-demo
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) tools/make_demo_data.py --out data/demo
+	$(PY) main_pretrain.py --model lut_vit_tiny_patch16 --data_path data/demo --input_size 32 --patch_size 4 \
+		--batch_size 64 --epochs 3 --warmup_epochs 1 --blr 1.5e-3 --head_mlp_dim 1024 --num_workers 2 \
+		--print_freq 10 \
+		--output_dir $(DEMO_OUT)
+	@echo "Loss per epoch (from $(DEMO_OUT)/log.txt):"
+	@$(PY) -c "import json; [print(' epoch', r['epoch'], 'loss %.4f  mim %.4f  bc %.4f' % (r['train_loss'], r['train_mim'], r['train_bc'])) for r in map(json.loads, open('$(DEMO_OUT)/log.txt'))]"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean-demo:
+	rm -rf data/demo $(DEMO_OUT)
