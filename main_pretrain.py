@@ -24,6 +24,7 @@ from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, 
 from util.datasets import PretrainDataset, ResumableDistributedSampler, check_images, find_images
 from util.dist import barrier, init_distributed, is_main_process, local_device
 from util.logging import append_json_log, create_tb_writer
+from util.preemption import PreemptionHandler
 from util.lr_sched import effective_lr
 
 
@@ -216,8 +217,12 @@ def main(args):
             }, os.path.join(args.output_dir, name))
         barrier()
 
+    preemption = PreemptionHandler(check_every=args.print_freq)
+
     def should_stop(global_step):
-        return args.stop_at_step is not None and global_step >= args.stop_at_step
+        # requested() first: it is a collective every few steps, so every rank must call it at every step.
+        return preemption.requested(global_step) or (args.stop_at_step is not None
+                                                     and global_step >= args.stop_at_step)
 
     print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
     start_time = time.time()
@@ -227,24 +232,27 @@ def main(args):
         stats, done = train_one_epoch(model, teacher, loader, optimizer, scaler, device, epoch, args,
                                       start_step=start_step, log_writer=log_writer, should_stop=should_stop)
         save("checkpoint-last.pth", epoch, done)
-        if done < args.steps_per_epoch:
-            print(f"Stopped at epoch {epoch}, step {done} (--stop_at_step {args.stop_at_step}); "
-                  f"checkpoint-last.pth resumes here")
-            break
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-            save(f"checkpoint-{epoch}.pth", epoch, done)
+        if done == args.steps_per_epoch:
+            if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+                save(f"checkpoint-{epoch}.pth", epoch, done)
+            if log_writer is not None:
+                for name, value in stats.items():
+                    log_writer.add_scalar(f"epoch/{name}", value, epoch)
+                log_writer.flush()
+            append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
+            remaining = (time.time() - epoch_start) * (args.epochs - epoch - 1)
+            print(f"Epoch {epoch} done; about {datetime.timedelta(seconds=int(remaining))} left")
         start_step = 0
-        if log_writer is not None:
-            for name, value in stats.items():
-                log_writer.add_scalar(f"epoch/{name}", value, epoch)
-            log_writer.flush()
-        append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
-        remaining = (time.time() - epoch_start) * (args.epochs - epoch - 1)
-        print(f"Epoch {epoch} done; about {datetime.timedelta(seconds=int(remaining))} left")
+        if should_stop(epoch * args.steps_per_epoch + done):
+            print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; "
+                  f"{os.path.join(args.output_dir, 'checkpoint-last.pth')} resumes here")
+            break
 
     if log_writer is not None:
         log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if preemption.stopping:
+        preemption.requeue()
     return student, teacher
 
 

@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -170,3 +171,26 @@ def test_resuming_another_architecture_is_refused(demo, tmp_path):
         model="mae_vit_micro")
     proc = run("--data_path", demo / "small", "--output_dir", tmp_path, "--epochs", "1", check=False)
     assert proc.returncode != 0 and "was trained as mae_vit_micro" in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigusr2_checkpoints_at_a_step_boundary_and_resume_is_exact(demo, tmp_path):
+    common = ["--data_path", demo / "small", "--epochs", "20"]  # long enough for the signal to land mid-run
+    run(*common, "--output_dir", tmp_path / "straight")
+    cmd = [sys.executable, MICRO, "--model", "lut_vit_micro", "--input_size", "32", "--patch_size", "8",
+           "--batch_size", "16", "--warmup_epochs", "1", "--num_workers", "0", "--head_mlp_dim", "64",
+           "--print_freq", "4", *map(str, common), "--output_dir", str(tmp_path / "signalled")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if "Epoch [0] [ 8/16]" in line:
+            proc.send_signal(signal.SIGUSR2)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, output
+    assert "SIGUSR2 received: stopping after optimizer step" in output
+    ckpt = load_checkpoint(tmp_path / "signalled" / "checkpoint-last.pth")
+    assert ckpt["global_step"] < 20 * 16
+    run(*common, "--output_dir", tmp_path / "signalled")
+    assert_same_training_state(tmp_path / "straight" / "checkpoint-last.pth",
+                               tmp_path / "signalled" / "checkpoint-last.pth")
