@@ -13,16 +13,16 @@ import os
 import time
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 
 import models_lut
-from engine_pretrain import train_one_epoch
+from engine_pretrain import CompiledStep, build_optimizer, pretrain_step, train_one_epoch
 from util.augment import LUTTwoViews, mae_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from util.datasets import PretrainDataset, ResumableDistributedSampler, check_images, find_images
 from util.dist import barrier, init_distributed, is_main_process, local_device
+from util.knn import KNNEvaluator
 from util.logging import append_json_log, create_tb_writer
 from util.preemption import PreemptionHandler
 from util.lr_sched import effective_lr
@@ -80,10 +80,18 @@ def get_args_parser():
                         help="save and exit once this many optimizer steps are done (the schedule still spans "
                              "--epochs); a later run resumes")
     parser.add_argument("--print_freq", default=20, type=int)
+    parser.add_argument("--knn_freq", default=0, type=int,
+                        help="every N epochs and after the last, the student's k-NN accuracy on data_path/val with "
+                             "data_path/train as memory bank (both labelled ImageFolders); 0 = off")
     parser.add_argument("--num_workers", default=10, type=int)
     parser.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster host-to-GPU copies")
     parser.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     parser.set_defaults(pin_mem=True)
+    parser.add_argument("--fast_decode", action="store_true",
+                        help="LUT: decode JPEGs at 1/2, 1/4 or 1/8 scale while the shorter side stays >= input_size "
+                             "(faster data loading; pixels differ slightly from a full decode, see docs/performance.md)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the training step (falls back to eager with a warning if it fails)")
     return parser
 
 
@@ -94,6 +102,9 @@ def check_args(args):
         raise SystemExit(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
     if not 0 < args.mask_ratio < 1:
         raise SystemExit(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    if args.fast_decode and not is_lut:
+        raise SystemExit("--fast_decode is for LUT's views (resized to the input size); MAE's random-resized crops "
+                         "enlarge small regions and need the full-resolution image")
     if is_lut and args.mask_ratio < 0.5:
         raise SystemExit(f"LUT needs --mask_ratio >= 0.5 (the two views' visible patches are disjoint), "
                          f"got {args.mask_ratio}")
@@ -157,12 +168,18 @@ def main(args):
     init_distributed(args)
     paths = check_args(args)
     device = local_device(args)
+    knn = None
+    if args.knn_freq:
+        try:
+            knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers)
+        except ValueError as e:
+            raise SystemExit(f"--knn_freq: {e}")
     is_lut = args.model.startswith("lut")
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     print(json.dumps(vars(args), indent=1, default=str))
 
     transform = LUTTwoViews(args.input_size) if is_lut else mae_transform(args.input_size)
-    dataset = PretrainDataset(paths, transform)
+    dataset = PretrainDataset(paths, transform, draft_size=args.input_size if args.fast_decode else None)
     sampler = ResumableDistributedSampler(len(dataset), args.world_size, args.rank, shuffle=True, seed=args.seed)
     args.steps_per_epoch = len(sampler) // args.batch_size // args.accum_iter
     if args.steps_per_epoch == 0:
@@ -194,8 +211,7 @@ def main(args):
     print(f"effective batch {eff_batch} = {args.batch_size} x {args.accum_iter} accum x {args.world_size} ranks; "
           f"lr {args.lr:.3e} ({rule} with blr {args.blr:.3e}, unless --lr was given)")
 
-    param_groups = param_groups_weight_decay(student, args.weight_decay, student.no_weight_decay())
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    optimizer = build_optimizer(student, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
     start_epoch, start_step = 0, 0
@@ -209,12 +225,14 @@ def main(args):
 
     def save(name, epoch, epoch_step):
         if is_main_process():
-            save_checkpoint({
-                "model": student.state_dict(), "model_ema": teacher.state_dict() if is_lut else None,
-                "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                "epoch_step": epoch_step, "global_step": epoch * args.steps_per_epoch + epoch_step,
+            state = {
+                "model": student.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "epoch_step": epoch_step, "global_step": epoch * args.steps_per_epoch + epoch_step,
                 "rng": rng_state(), "args": vars(args),
-            }, os.path.join(args.output_dir, name))
+            }
+            if is_lut:
+                state["model_ema"] = teacher.state_dict()
+            save_checkpoint(state, os.path.join(args.output_dir, name))
         barrier()
 
     preemption = PreemptionHandler(check_every=args.print_freq)
@@ -224,17 +242,21 @@ def main(args):
         return preemption.requested(global_step) or (args.stop_at_step is not None
                                                      and global_step >= args.stop_at_step)
 
+    step_fn = CompiledStep() if args.compile else pretrain_step
     print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter=start_step * args.accum_iter, batch_size=args.batch_size)
         epoch_start = time.time()
         stats, done = train_one_epoch(model, teacher, loader, optimizer, scaler, device, epoch, args,
-                                      start_step=start_step, log_writer=log_writer, should_stop=should_stop)
+                                      start_step=start_step, log_writer=log_writer, should_stop=should_stop,
+                                      step_fn=step_fn)
         save("checkpoint-last.pth", epoch, done)
         if done == args.steps_per_epoch:
             if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
                 save(f"checkpoint-{epoch}.pth", epoch, done)
+            if knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch + 1 == args.epochs):
+                stats.update(knn(student, device, args.amp))
             if log_writer is not None:
                 for name, value in stats.items():
                     log_writer.add_scalar(f"epoch/{name}", value, epoch)

@@ -58,12 +58,12 @@ class LUTTwoViews:
     """
 
     def __init__(self, input_size):
+        # The resize is deterministic, so the two views share one: the same pixels and random draws as resizing in
+        # each view, with half the resampling work (the largest cost after decoding).
+        self.resize = T.Resize(input_size, interpolation=BICUBIC)
+
         def crop_and_flip():
-            return [
-                T.Resize(input_size, interpolation=BICUBIC),
-                T.RandomCrop(input_size, padding=4, padding_mode="reflect"),
-                T.RandomHorizontalFlip(),
-            ]
+            return [T.RandomCrop(input_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
 
         self.view1 = T.Compose(crop_and_flip() + _to_normalized_tensor())
         self.view2 = T.Compose(crop_and_flip() + [
@@ -77,10 +77,11 @@ class LUTTwoViews:
         ] + _to_normalized_tensor())
 
     def __call__(self, img):
+        img = self.resize(img)
         return self.view1(img), self.view2(img)
 
     def __repr__(self):
-        return f"{type(self).__name__}(view1={self.view1}, view2={self.view2})"
+        return f"{type(self).__name__}(resize={self.resize}, view1={self.view1}, view2={self.view2})"
 
 
 def mae_transform(input_size):

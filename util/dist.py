@@ -62,11 +62,25 @@ def init_distributed(args):
     setup_for_distributed(args.rank == 0)
 
 
+def destroy_distributed():
+    """Leave the process group at the end of a run, on every rank: a process that exits while still in one can die
+    with SIGABRT ('terminate called without an active exception') as gloo's threads are torn down."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def local_device(args):
     """The torch.device this process computes on: 'cuda:<local rank>' for --device cuda, else args.device."""
     if args.device.startswith("cuda"):
         return torch.device("cuda", args.gpu)
     return torch.device(args.device)
+
+
+def autocast(device, amp):
+    """torch.autocast on `device` for --amp 'bf16' / 'fp16'; a disabled one for 'none'."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def setup_for_distributed(is_master):
@@ -94,14 +108,21 @@ def barrier():
         dist.barrier()
 
 
-def all_reduce_mean(x):
-    """Mean over ranks of a floating tensor (any shape) or a float, returned as the same kind; x itself on one rank."""
+def all_reduce_sum(x):
+    """Sum over ranks of a floating tensor (any shape) or a float, returned as the same kind; x itself on one rank."""
     if get_world_size() == 1:
         return x
     # nccl only reduces CUDA tensors, so CPU values travel through the current GPU.
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     if not torch.is_tensor(x):
-        return all_reduce_mean(torch.tensor(float(x), dtype=torch.float64, device=device)).item()
+        return all_reduce_sum(torch.tensor(float(x), dtype=torch.float64, device=device)).item()
     t = x.detach().to(device, copy=True)
     dist.all_reduce(t)
-    return (t / get_world_size()).to(x.device)
+    return t.to(x.device)
+
+
+def all_reduce_mean(x):
+    """Mean over ranks of a floating tensor (any shape) or a float, returned as the same kind; x itself on one rank."""
+    if get_world_size() == 1:
+        return x
+    return all_reduce_sum(x) / get_world_size()

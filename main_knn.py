@@ -1,0 +1,78 @@
+"""Weighted k-NN accuracy of a pre-trained encoder (DINO's protocol: k = 20, temperature 0.07), no training.
+
+    python main_knn.py --model vit_base_patch16 --finetune lut_b.pth --data_path /imagenet
+    torchrun --nproc_per_node=8 main_knn.py --model vit_base_patch16 --finetune lut_b.pth --checkpoint_key model_ema \
+        --data_path /imagenet
+
+data_path/train/<class>/ is the labelled memory bank, data_path/val/<class>/ is classified. Features are the CLS
+token after the encoder's final norm (--global_pool: the mean of the patch tokens), L2-normalised. Without
+--finetune the encoder keeps its random initialisation (a baseline).
+"""
+import argparse
+import json
+import os
+
+import torch
+
+import models_vit
+from util.dist import destroy_distributed, init_distributed, is_main_process, local_device
+from util.knn import KNNEvaluator
+from util.pretrained import load_pretrained
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("k-NN evaluation of a pre-trained ViT", add_help=False)
+    parser.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS))
+    parser.add_argument("--input_size", default=224, type=int)
+    parser.add_argument("--patch_size", default=16, type=int)
+    parser.add_argument("--finetune", default="", metavar="PATH",
+                        help="pre-training checkpoint (ours, the LUT authors' or MAE's); none = random weights")
+    parser.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"],
+                        help="'model' (student) or 'model_ema' (LUT teacher)")
+    parser.add_argument("--global_pool", action="store_true",
+                        help="mean of the final-norm patch tokens instead of the CLS token")
+    parser.add_argument("--nb_knn", default=20, type=int, help="neighbours k")
+    parser.add_argument("--temperature", default=0.07, type=float, help="neighbour weight exp(cos / temperature)")
+    parser.add_argument("--data_path", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
+    parser.add_argument("--batch_size", default=256, type=int, help="images per GPU for feature extraction")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
+                        help="autocast precision (default bf16 on CUDA, none on CPU)")
+    parser.add_argument("--seed", default=0, type=int, help="initialisation of the random-weights baseline")
+    parser.add_argument("--output_dir", default="", help="also write knn.json here")
+    return parser
+
+
+def main(args):
+    """Returns dict(knn_top1, knn_top5) in %."""
+    init_distributed(args)
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise SystemExit(f"--finetune checkpoint not found: {args.finetune}")
+    if args.amp is None:
+        args.amp = "bf16" if args.device.startswith("cuda") else "none"
+    device = local_device(args)
+    try:
+        knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers, args.nb_knn,
+                           args.temperature, "avg" if args.global_pool else "token")
+    except ValueError as e:
+        raise SystemExit(f"--data_path: {e}")
+    torch.manual_seed(args.seed)  # every rank builds the same random baseline
+    model = models_vit.MODELS[args.model](img_size=args.input_size, patch_size=args.patch_size, num_classes=0,
+                                          global_pool="avg" if args.global_pool else "token", fc_norm=False)
+    if args.finetune:
+        load_pretrained(model, args.finetune, args.checkpoint_key)
+    else:
+        print("No --finetune checkpoint: k-NN on a randomly initialised encoder (a baseline)")
+    stats = knn(model.to(device), device, args.amp)
+    if args.output_dir and is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, "knn.json"), "w") as f:
+            json.dump({**stats, "finetune": args.finetune, "checkpoint_key": args.checkpoint_key}, f)
+    destroy_distributed()
+    return stats
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(parents=[get_args_parser()])
+    main(parser.parse_args())

@@ -1,0 +1,77 @@
+"""Load a pre-trained encoder into a models_vit classifier: key filter, position-embedding resampling, strict checks.
+
+Accepted files (all read with util.checkpoint.load_checkpoint, i.e. torch.load(weights_only=True)): ours
+(`model` = student, `model_ema` = teacher), the LUT authors' (teacher keys prefixed `ema.`, args an
+argparse.Namespace) and MAE's released checkpoints (`{'model': ...}`).
+"""
+from timm.layers import resample_abs_pos_embed
+
+from util.checkpoint import load_checkpoint, normalize_pretrained
+
+# The encoder's keys (SPEC §1); the rest of a pre-training checkpoint (decoder_*, mask_token, the LUT projector
+# `head.*` and `predictor.*`) is not part of the classifier.
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+# What a classifier may lack from a pre-trained encoder: its new classification head and, with global average
+# pooling, the LayerNorm after pooling that MAE's recipe trains from scratch.
+NEW_PREFIXES = ("head.", "fc_norm.")
+
+
+def encoder_state_dict(ckpt, checkpoint_key="model"):
+    """The encoder weights of a loaded checkpoint dict, wrapper prefixes ('module.', 'ema.') removed.
+
+    checkpoint_key: 'model' (student; what the LUT authors fine-tune) or 'model_ema' (teacher).
+    """
+    if ckpt.get(checkpoint_key) is None:
+        present = sorted(k for k, v in ckpt.items() if isinstance(v, dict))
+        raise KeyError(f"the checkpoint has no weights under {checkpoint_key!r} (it has {present}); "
+                       f"MAE checkpoints have no teacher: use --checkpoint_key model")
+    state = normalize_pretrained(ckpt, checkpoint_key)
+    return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def resample_pos_embed(state, model):
+    """Bicubically resample state['pos_embed'] ([1, 1 + h*w, D], CLS row first and kept) to the model's patch grid."""
+    old, new = state.get("pos_embed"), model.pos_embed
+    if old is None or old.shape == new.shape or old.ndim != 3 or old.shape[-1] != new.shape[-1]:
+        return state  # nothing to do, or a mismatch the key check reports
+    grid = model.patch_embed.grid_size
+    print(f"Resampling pos_embed from {old.shape[1] - 1} to {grid[0]}x{grid[1]} patches")
+    return {**state, "pos_embed": resample_abs_pos_embed(old, new_size=list(grid), num_prefix_tokens=1)}
+
+
+def _listing(title, names):
+    """One line per key, at most 40 (a wrong model size mismatches hundreds)."""
+    shown = "\n".join(f"  {n}" for n in names[:40])
+    more = f"\n  ... and {len(names) - 40} more" if len(names) > 40 else ""
+    return f"{title} ({len(names)}):\n{shown}{more}"
+
+
+def load_encoder(model, state, source="checkpoint"):
+    """Copy an encoder state dict into `model` (a timm VisionTransformer); returns the keys left at initialisation.
+
+    Only the new head and fc_norm may be missing, and only the final `norm` may go unused (when the model pools with
+    fc_norm instead). Anything else — missing encoder keys, unused encoder keys, shape mismatches — raises a
+    ValueError listing every offending key, before any weight is copied: a partial load is never silent.
+    """
+    state = resample_pos_embed(state, model)
+    own = model.state_dict()
+    mismatched = [f"{k}: checkpoint {list(v.shape)} vs model {list(own[k].shape)}"
+                  for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.startswith(NEW_PREFIXES)]
+    unused = [k for k in state if k not in own and not (k.startswith("norm.") and "fc_norm.weight" in own)]
+    if mismatched or missing or unused:
+        parts = [_listing(title, names) for title, names in (
+            ("shape mismatches", mismatched), ("missing from the checkpoint", missing),
+            ("in the checkpoint but not in the model", unused)) if names]
+        raise ValueError(f"{source} does not match the model (another architecture, patch size or --model?)\n"
+                         + "\n".join(parts))
+    result = model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return sorted(result.missing_keys)
+
+
+def load_pretrained(model, path, checkpoint_key="model"):
+    """Load the encoder of the pre-training checkpoint at `path` into `model`; returns the keys left to train anew."""
+    state = encoder_state_dict(load_checkpoint(path), checkpoint_key)
+    missing = load_encoder(model, state, source=f"{path} [{checkpoint_key}]")
+    print(f"Loaded the pre-trained encoder from {path} [{checkpoint_key}]; newly initialised: {missing}")
+    return missing
