@@ -1,0 +1,120 @@
+"""Attention maps of chosen query patches over an image (as in the LUT paper's figure 1), one PNG per image.
+
+    python tools/attention_maps.py --checkpoints mae.pth lut.pth --labels MAE LUT \
+        --data_path /datasets/imagenet/val --num_images 4 --queries 0.5,0.5 0.3,0.7 --output_dir analysis
+
+A query is a position "y,x" given as fractions of the image height and width (0.5,0.5 is the patch under the centre),
+so it picks the same spot for models with different patch sizes. Each PNG has one row per checkpoint and query:
+the image with the query patch framed in cyan, then the attention of that patch to every patch in --layer, averaged
+over the heads, then per head. Each map is scaled to its maximum (black -> red -> yellow -> white) and laid over the
+image; the CLS token is left out. Small inputs are enlarged (nearest neighbour) to at least 128 px.
+Writes OUTPUT_DIR/attention_maps_<k>_<image name>.png.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+# Run as a script from anywhere: the project root holds models_lut and util.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from util.analysis import (add_common_args, attention_weights, block_inputs, check_common_args, checkpoint_runs,
+                           denormalize, enlarge, heatmap, image_batches, load_model, pick_images, save_images,
+                           summary_writer)
+
+QUERY_FRAME = (0.0, 1.0, 1.0)  # cyan: visible on the map colours and on most photos
+
+
+def parse_query(text):
+    try:
+        y, x = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"query {text!r} is not 'y,x'") from None
+    if not (0 <= y <= 1 and 0 <= x <= 1):
+        raise argparse.ArgumentTypeError(f"query {text!r}: y and x are fractions of the image, in [0, 1]")
+    return y, x
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, many_checkpoints=True, num_images=4)
+    parser.add_argument("--queries", nargs="+", type=parse_query, default=[(0.5, 0.5)], metavar="Y,X",
+                        help="query positions as fractions of height and width (default 0.5,0.5)")
+    parser.add_argument("--layer", type=int, default=-1,
+                        help="encoder block, counted from 0; negative counts from the end (default -1, the last)")
+    return parser
+
+
+def query_patch(query, grid_size):
+    """(row, column) of the patch under the fractional position query = (y, x) on an (h, w) patch grid."""
+    return tuple(min(int(q * n), n - 1) for q, n in zip(query, grid_size))
+
+
+def framed(img, row, col, patch):
+    """RGB img [3, H, W] with a frame drawn around patch (row, col)."""
+    img = img.clone()
+    width = max(1, patch // 8)
+    colour = img.new_tensor(QUERY_FRAME).view(3, 1, 1)
+    y0, x0 = row * patch, col * patch
+    box = img[:, y0:y0 + patch, x0:x0 + patch]
+    for edge in (box[:, :width], box[:, -width:], box[:, :, :width], box[:, :, -width:]):
+        edge.copy_(colour.expand_as(edge))
+    return img
+
+
+@torch.no_grad()
+def attention_tiles(model, imgs, queries, layer):
+    """For images imgs [B, 3, S, S]: per image, the tiles of every query, each a list [framed image, head mean,
+    head 1, ..., head H] of RGB [3, S, S] in [0, 1]."""
+    grid, patch = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
+    x = block_inputs(model, imgs)[layer]
+    attn = attention_weights(model.blocks[layer], x)[:, :, 1:, 1:].cpu()  # [B, H, L, L], CLS left out
+    rgb = denormalize(imgs.cpu())
+    size = rgb.shape[-2:]
+    tiles = []
+    for b in range(imgs.shape[0]):
+        rows = []
+        for query in queries:
+            r, c = query_patch(query, grid)
+            maps = attn[b, :, r * grid[1] + c].reshape(-1, *grid)  # [H, h, w]
+            maps = torch.cat([maps.mean(dim=0, keepdim=True), maps])
+            rows.append([framed(rgb[b], r, c, patch)] + [0.35 * rgb[b] + 0.65 * heatmap(m, size) for m in maps])
+        tiles.append(rows)
+    return tiles
+
+
+def main(args):
+    check_common_args(args, needs_matplotlib=False)
+    paths = pick_images(args.data_path, args.num_images)
+    runs = checkpoint_runs(args)
+    per_run = []
+    for label, path, key in runs:
+        model, info = load_model(path, key, args.model)
+        if not -len(model.blocks) <= args.layer < len(model.blocks):
+            raise ValueError(f"--layer {args.layer} is out of range for {label}'s {len(model.blocks)} blocks")
+        print(f"{label}: {info['name']} from {path} [{key}], layer {args.layer}")
+        model.to(args.device)
+        tiles = []
+        for imgs in image_batches(paths, model.patch_embed.img_size[0], args.batch_size):
+            tiles += attention_tiles(model, imgs.to(args.device), args.queries, args.layer)
+        per_run.append(tiles)
+    sizes = {tiles[0][0][0].shape for tiles in per_run}
+    if len(sizes) > 1:
+        raise ValueError(f"the checkpoints take different input sizes {sorted(s[-1] for s in sizes)}; draw their "
+                         "attention maps in separate runs")
+    columns = max(len(row) for tiles in per_run for row in tiles[0])
+    print("rows of each PNG: " + ", ".join(f"{label} @ {y:g},{x:g}" for label, _, _ in runs for y, x in args.queries))
+    os.makedirs(args.output_dir, exist_ok=True)
+    with summary_writer(args.log_dir) as writer:
+        for k, image_path in enumerate(paths):
+            rows = [row for tiles in per_run for row in tiles[k]]
+            blank = torch.ones_like(rows[0][0])  # pads the rows of models with fewer heads
+            grid = torch.stack([t for row in rows for t in row + [blank] * (columns - len(row))])
+            name = os.path.splitext(os.path.basename(image_path))[0]
+            save_images(enlarge(grid), os.path.join(args.output_dir, f"attention_maps_{k:02d}_{name}.png"),
+                        nrow=columns, writer=writer, tag=f"attention_maps/{k:02d}_{name}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

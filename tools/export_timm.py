@@ -1,0 +1,108 @@
+"""Export a pre-trained encoder (student or teacher) as a timm VisionTransformer state dict in safetensors format.
+
+    python tools/export_timm.py --checkpoint lut.pth --checkpoint_key model --output lut_vit_base.safetensors
+
+The file holds timm's keys for a ViT with a CLS token and a final norm (global_pool='token', the default):
+cls_token, pos_embed, patch_embed.proj.*, blocks.*, norm.*; no classifier. Then
+
+    model = timm.create_model('vit_base_patch16_224', pretrained=True,
+                              pretrained_cfg_overlay=dict(file='lut_vit_base.safetensors', num_classes=0))
+    model.forward_features(x)   # == our forward_encoder(x): [B, 1 + L, D], CLS first, after the final norm
+
+or timm.create_model('vit_base_patch16_224', num_classes=0, checkpoint_path='lut_vit_base.safetensors'). The tool
+prints the exact call for the exported size (and stores it in the file's metadata), then checks that timm's model
+loads the file with no missing or unexpected keys and reproduces our encoder's features on a random input.
+Inputs are normalised with the ImageNet mean and std (timm's vit_*_224 configs default to 0.5 / 0.5; the printed
+overlay sets them). For fine-tuning with global average pooling (timm's fc_norm), MAE's recipe starts fc_norm afresh:
+create the model with global_pool='avg' and load this file with timm.models.load_checkpoint(model, path,
+strict=False) (norm.* is then unused).
+"""
+import argparse
+import json
+import os
+import sys
+
+import timm
+import torch
+from safetensors.torch import save_file
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+# Run as a script from anywhere: the project root holds models_lut and util.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models_lut
+from util.analysis import load_model
+from util.pretrained import ENCODER_PREFIXES
+# Our evaluation view (util.augment.eval_transform): bicubic resize to input / 0.875, centre crop, ImageNet mean/std.
+DATA_CONFIG = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875, interpolation="bicubic")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="pre-training checkpoint (ours, the LUT authors' or MAE's)")
+    parser.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"],
+                        help="'model' (student, what the LUT authors fine-tune) or 'model_ema' (teacher)")
+    parser.add_argument("--model", default=None, choices=sorted(models_lut.MODELS),
+                        help="architecture name, when the checkpoint's args do not give a known one")
+    parser.add_argument("--output", required=True, metavar="PATH.safetensors", help="file to write")
+    return parser
+
+
+def encoder_state_dict(model):
+    """timm VisionTransformer state dict (global_pool='token', no head) of our encoder: the same key names."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def timm_architecture(model):
+    """(timm model name, keyword overrides) that build timm's VisionTransformer with our encoder's shape: the
+    vit_<size>_patch16_224 of the same width, plus whatever differs from it."""
+    embed_dim = model.pos_embed.shape[-1]
+    ours = dict(embed_dim=embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
+                patch_size=model.patch_embed.patch_size[0], img_size=model.patch_embed.img_size[0],
+                in_chans=model.in_chans, mlp_ratio=model.blocks[0].mlp.fc1.out_features / embed_dim)
+    size = next((s for s, e in models_lut.ENCODERS.items() if e["embed_dim"] == embed_dim), "base")
+    reference = dict(models_lut.ENCODERS[size], patch_size=16, img_size=224, in_chans=3, mlp_ratio=4.0)
+    return f"vit_{size}_patch16_224", {k: v for k, v in ours.items() if v != reference[k]}
+
+
+def pretrained_overlay(path, img_size):
+    overlay = dict(file=path, num_classes=0, **DATA_CONFIG)
+    if img_size != 224:
+        overlay["input_size"] = (3, img_size, img_size)
+    return overlay
+
+
+@torch.no_grad()
+def check_in_timm(model, path, timm_name, timm_kwargs):
+    """Load the exported file with timm (strict) and return the largest feature difference to our encoder."""
+    timm_model = timm.create_model(timm_name, pretrained=True, num_classes=0, **timm_kwargs,
+                                   pretrained_cfg_overlay=pretrained_overlay(path, model.patch_embed.img_size[0]))
+    imgs = torch.randn(2, model.in_chans, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    return (timm_model.eval().forward_features(imgs) - model.forward_encoder(imgs)).abs().max().item()
+
+
+def main(args):
+    if not args.output.endswith(".safetensors"):
+        raise ValueError(f"--output must end in .safetensors (timm picks the loader by extension), got {args.output}")
+    if not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
+    timm_name, timm_kwargs = timm_architecture(model)
+    metadata = dict(source=os.path.abspath(args.checkpoint), checkpoint_key=args.checkpoint_key, model=info["name"],
+                    timm_model=timm_name, timm_kwargs=json.dumps(timm_kwargs))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    save_file(encoder_state_dict(model), args.output, metadata=metadata)
+    print(f"wrote {args.checkpoint_key} encoder of {info['name']} from {args.checkpoint} to {args.output}")
+    diff = check_in_timm(model, args.output, timm_name, timm_kwargs)
+    if diff > 1e-4:
+        raise RuntimeError(f"timm's {timm_name} loaded {args.output} but its features differ from ours by {diff:.2e}")
+    print(f"checked: timm's {timm_name} loads it strictly and matches our features (max difference {diff:.1e})")
+    kwargs = "".join(f", {k}={v!r}" for k, v in timm_kwargs.items())
+    overlay = ", ".join(f"{k}={v!r}" for k, v in pretrained_overlay(args.output, model.patch_embed.img_size[0]).items())
+    print(f"use it with:\n  timm.create_model({timm_name!r}, pretrained=True{kwargs},\n"
+          f"                    pretrained_cfg_overlay=dict({overlay}))")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

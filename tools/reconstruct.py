@@ -1,0 +1,74 @@
+"""Reconstructions of masked images by a pre-trained model, as an image grid.
+
+    python tools/reconstruct.py --checkpoint lut.pth --data_path /datasets/imagenet/val --num_images 8 \
+        --mask_ratio 0.75 --output_dir analysis
+
+One row per image: original, masked input (removed patches grey), reconstruction, reconstruction with the visible
+patches pasted in. The masking is the models' own (`models_lut.random_masking`, view 1) from noise seeded by --seed.
+A model trained with norm_pix_loss predicts each patch normalised by its own mean and std; those are taken from the
+original patch to draw it (as the usual MAE visualisations do), so the colours of removed patches are borrowed, their
+structure is predicted. Small inputs are enlarged (nearest neighbour) to at least 128 px.
+Writes OUTPUT_DIR/reconstructions_mask<ratio in %>.png.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+# Run as a script from anywhere: the project root holds models_lut and util.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models_lut import random_masking
+from util.analysis import (add_common_args, check_common_args, enlarge, image_batches, load_model, pick_images,
+                           reconstruction_rows, save_images, summary_writer)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser, many_checkpoints=False, num_images=8)
+    parser.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches removed (default 0.75)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise")
+    parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
+                        help="whether the model predicts normalised patches (default: from the checkpoint's args)")
+    return parser
+
+
+@torch.no_grad()
+def reconstruct(model, imgs, mask_ratio, noise, norm_pix_loss):
+    """imgs: [B, 3, H, W] normalised; noise: [B, L]. Returns [4 * B, 3, H, W] RGB in [0, 1], see reconstruction_rows."""
+    (ids_keep,), (mask,), ids_restore = random_masking(noise, mask_ratio)
+    pred = model.forward_decoder(model.forward_encoder(imgs, ids_keep), ids_restore)
+    return reconstruction_rows(model, imgs, pred, mask, norm_pix_loss)
+
+
+def main(args):
+    check_common_args(args, needs_matplotlib=False)
+    if not 0 < args.mask_ratio < 1:
+        raise ValueError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    paths = pick_images(args.data_path, args.num_images)
+    model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
+    if not info["has_decoder"]:
+        raise ValueError(f"{args.checkpoint} has no decoder weights (e.g. MAE's encoder-only release); reconstructions "
+                         "need a full pre-training checkpoint such as MAE's mae_visualize_vit_large.pth")
+    norm_pix_loss = info["norm_pix_loss"] if args.norm_pix_loss is None else args.norm_pix_loss
+    if norm_pix_loss is None:
+        raise ValueError(f"{args.checkpoint} does not record norm_pix_loss: pass --norm_pix_loss or "
+                         "--no-norm_pix_loss")
+    print(f"{info['name']} from {args.checkpoint} [{args.checkpoint_key}], norm_pix_loss={norm_pix_loss}, "
+          f"mask ratio {args.mask_ratio}, {len(paths)} images")
+    model.to(args.device)
+    noise = torch.rand(len(paths), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
+    rows = []
+    for i, imgs in enumerate(image_batches(paths, model.patch_embed.img_size[0], args.batch_size)):
+        batch_noise = noise[i * args.batch_size:i * args.batch_size + imgs.shape[0]]
+        rows.append(reconstruct(model, imgs.to(args.device), args.mask_ratio, batch_noise.to(args.device),
+                                norm_pix_loss).cpu())
+    os.makedirs(args.output_dir, exist_ok=True)
+    path = os.path.join(args.output_dir, f"reconstructions_mask{round(args.mask_ratio * 100)}.png")
+    with summary_writer(args.log_dir) as writer:
+        save_images(enlarge(torch.cat(rows)), path, nrow=4, writer=writer, tag="reconstructions")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,356 @@
+"""Shared helpers of the analysis and export tools (tools/attention_distance.py, spectrum.py, reconstruct.py,
+attention_maps.py, export_timm.py): pre-training models from any checkpoint, evaluation images from a folder,
+attention weights, attention distance, singular-value spectra, reconstructions and figure output.
+
+Plots use matplotlib, an optional dependency imported only where a figure is drawn; every number the tools compute
+(and every JSON file they write) needs only torch.
+"""
+import argparse
+import contextlib
+import os
+import re
+
+import numpy as np
+import torch
+import torchvision
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+import models_lut
+from util.augment import eval_transform
+from util.checkpoint import load_checkpoint, normalize_pretrained
+from util.datasets import find_images, load_image
+
+# LUT's projector and predictor: the tools look at the encoder (and decoder) only.
+HEAD_PREFIXES = ("head.", "predictor.")
+DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+# ---------------------------------------------------------------- command line
+
+def add_common_args(parser, many_checkpoints, num_images):
+    """Arguments every analysis tool shares: checkpoint(s), which weights, images, device, output folders."""
+    if many_checkpoints:
+        parser.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
+                            help="pre-training checkpoints (ours, the LUT authors' or MAE's); several are drawn on "
+                                 "one plot")
+        parser.add_argument("--labels", nargs="+", default=None,
+                            help="legend / JSON name of each checkpoint (default: folder/file name)")
+        parser.add_argument("--checkpoint_key", nargs="+", default=["model"], choices=["model", "model_ema"],
+                            help="'model' (student) or 'model_ema' (teacher): one for all or one per checkpoint")
+    else:
+        parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                            help="pre-training checkpoint (ours, the LUT authors' or MAE's)")
+        parser.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"],
+                            help="'model' (student) or 'model_ema' (teacher)")
+    parser.add_argument("--model", default=None, choices=sorted(models_lut.MODELS),
+                        help="architecture name, when the checkpoint's args do not give a known one (default: "
+                             "from the checkpoint; depth, widths, patch and image size always come from the weights)")
+    parser.add_argument("--data_path", required=True,
+                        help="images: an ImageFolder root (root/train/<class>/*, root/<class>/*) or a flat folder")
+    parser.add_argument("--num_images", type=int, default=num_images,
+                        help=f"images to use, evenly spaced over the sorted file list (default {num_images})")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output_dir", default="./analysis", help="where the JSON / PNG files go")
+    parser.add_argument("--log_dir", default=None, help="also log the figures to TensorBoard here")
+
+
+def check_common_args(args, needs_matplotlib):
+    """Fail before loading anything: missing checkpoints, inconsistent per-checkpoint lists, missing plot library."""
+    paths = args.checkpoints if hasattr(args, "checkpoints") else [args.checkpoint]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+    if hasattr(args, "checkpoints"):
+        if len(args.checkpoint_key) not in (1, len(paths)):
+            raise ValueError(f"give one --checkpoint_key or one per checkpoint ({len(paths)}), "
+                             f"got {len(args.checkpoint_key)}")
+        if args.labels is not None and len(args.labels) != len(paths):
+            raise ValueError(f"give one label per checkpoint ({len(paths)}), got {len(args.labels)}")
+    if args.num_images < 1 or args.batch_size < 1:
+        raise ValueError("--num_images and --batch_size must be positive")
+    if needs_matplotlib:
+        require_matplotlib()
+
+
+def checkpoint_runs(args):
+    """[(label, path, checkpoint_key)] from --checkpoints, --labels and --checkpoint_key."""
+    keys = args.checkpoint_key * len(args.checkpoints) if len(args.checkpoint_key) == 1 else args.checkpoint_key
+    labels = args.labels or [default_label(p, k) for p, k in zip(args.checkpoints, keys)]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"checkpoint labels {labels} are not unique; name them with --labels")
+    return list(zip(labels, args.checkpoints, keys))
+
+
+def default_label(path, checkpoint_key):
+    name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
+                        os.path.splitext(os.path.basename(path))[0])
+    return name + (" (teacher)" if checkpoint_key == "model_ema" else "")
+
+
+# ---------------------------------------------------------------- models
+
+def architecture(state):
+    """Constructor arguments that the weights determine: image and patch size, widths, depths, MLP ratio."""
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise ValueError("weights have no patch_embed.proj.weight / pos_embed: not a ViT pre-training checkpoint")
+    embed_dim, in_chans, patch_size, _ = state["patch_embed.proj.weight"].shape
+    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    arch = dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                depth=_count_blocks(state, "blocks"),
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim)
+    if "decoder_embed.weight" in state:
+        arch.update(decoder_embed_dim=state["decoder_embed.weight"].shape[0],
+                    decoder_depth=_count_blocks(state, "decoder_blocks"))
+    return arch
+
+
+def _count_blocks(state, prefix):
+    indices = {int(m.group(1)) for k in state for m in [re.match(rf"{prefix}\.(\d+)\.", k)] if m}
+    return max(indices) + 1
+
+
+def checkpoint_args(ckpt):
+    """The training arguments stored in a checkpoint as a dict (ours: dict, the authors': Namespace, MAE: none)."""
+    args = ckpt.get("args")
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+
+
+def build_model(state, model_name):
+    """Pre-training model for `state`: the named factory if it is one of ours, else MaskedAutoencoderViT.
+
+    The weights fix every size except the number of heads. Names the factories do not know (MAE's released files
+    carry none, the authors' `*_dec512d8b` aliases) use the convention all published MAE / LUT models follow:
+    64-dimensional encoder heads, 32-dimensional decoder heads.
+    """
+    arch = architecture(state)
+    if model_name in models_lut.MODELS:
+        return models_lut.MODELS[model_name](**arch), model_name
+    model = models_lut.MaskedAutoencoderViT(**arch, num_heads=arch["embed_dim"] // 64,
+                                            decoder_num_heads=arch.get("decoder_embed_dim", 512) // 32)
+    return model, f"MaskedAutoencoderViT ({model.blocks[0].attn.num_heads} heads, inferred)"
+
+
+def load_model(path, checkpoint_key="model", model_name=None):
+    """Pre-training model in eval mode, on the CPU, with the student ('model') or teacher ('model_ema') weights.
+
+    Reads ours, the LUT authors' and MAE's checkpoints. The projector / predictor are not loaded (the tools use the
+    encoder and decoder only); a checkpoint without decoder (MAE's encoder-only release) loads with has_decoder False.
+    Returns (model, info) with info = dict(name, norm_pix_loss (None if the checkpoint does not say), has_decoder).
+    """
+    ckpt = load_checkpoint(path)
+    if checkpoint_key in ckpt and ckpt[checkpoint_key] is None:
+        raise ValueError(f"{path} has no {checkpoint_key!r} weights (MAE checkpoints have no teacher)")
+    train_args = checkpoint_args(ckpt)
+    state = {k: v for k, v in normalize_pretrained(ckpt, checkpoint_key).items() if not k.startswith(HEAD_PREFIXES)}
+    model, name = build_model(state, model_name or train_args.get("model"))
+    has_decoder = "decoder_embed.weight" in state
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)
+               and (has_decoder or not k.startswith(DECODER_PREFIXES))]
+    if missing or unexpected:
+        raise ValueError(f"{path} [{checkpoint_key}] does not fit {name}: missing {missing}, unexpected {unexpected}")
+    info = dict(name=name, norm_pix_loss=train_args.get("norm_pix_loss"), has_decoder=has_decoder)
+    return model.eval(), info
+
+
+# ---------------------------------------------------------------- images
+
+def pick_images(data_path, num_images):
+    """`num_images` image paths evenly spaced over the sorted files of `data_path` (so every class is represented)."""
+    paths = find_images(data_path)
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(num_images, len(paths))).round().astype(int))
+    return [paths[i] for i in picks]
+
+
+def image_batches(paths, input_size, batch_size):
+    """Yield the evaluation views (resize, centre crop, ImageNet normalisation) of `paths` as [b, 3, S, S] batches."""
+    transform = eval_transform(input_size)
+    for i in range(0, len(paths), batch_size):
+        yield torch.stack([transform(load_image(p)) for p in paths[i:i + batch_size]])
+
+
+def denormalize(imgs):
+    """ImageNet-normalised [..., 3, H, W] -> RGB in [0, 1]."""
+    mean = imgs.new_tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
+    std = imgs.new_tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    return (imgs * std + mean).clamp(0, 1)
+
+
+def enlarge(imgs, min_size=128):
+    """Nearest-neighbour upscaling by an integer factor so small inputs (e.g. 32 px) are visible in a figure."""
+    factor = max(1, -(-min_size // imgs.shape[-1]))
+    return imgs.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
+
+
+# ---------------------------------------------------------------- attention
+
+@torch.no_grad()
+def block_inputs(model, imgs):
+    """Encoder on all patches of imgs [B, 3, H, W]; returns the input of every block, `depth` tensors [B, 1 + L, D]."""
+    inputs = []
+    hooks = [blk.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for blk in model.blocks]
+    try:
+        model.forward_encoder(imgs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return inputs
+
+
+@torch.no_grad()
+def attention_weights(block, x):
+    """Self-attention weights of a timm Block for its input x: [B, N, D] -> [B, heads, N, N], rows (queries) sum to 1.
+
+    timm's fused attention never materialises these weights, so they are recomputed: softmax(q k^T * scale) with
+    q, k from the block's qkv projection of norm1(x).
+    """
+    attn = block.attn
+    B, N, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, _ = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def patch_distances(grid_size, patch_size):
+    """[L, L] Euclidean distances in pixels between the centres of the patches of an (h, w) grid (row-major order)."""
+    h, w = grid_size
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    centres = torch.stack([ys.flatten(), xs.flatten()], dim=1).double() * patch_size
+    return (centres[:, None, :] - centres[None, :, :]).norm(dim=-1)
+
+
+def mean_attention_distance(attn, grid_size, patch_size, renormalize=True):
+    """Mean attention distance in pixels per image and head: attn [B, heads, 1 + L, 1 + L] -> [B, heads].
+
+    For each query patch, the attention-weighted distance to every key patch, averaged over the query patches; the
+    CLS token is excluded as query and as key. With `renormalize` each query's patch weights are rescaled to sum to
+    1, so the result is a weighted mean over positions (the share given to CLS has no position). Without it the
+    weights are used as they are, the convention of the widely copied notebooks after Raghu et al. (2021), which
+    counts attention to CLS as distance 0.
+    """
+    a = attn[:, :, 1:, 1:].double()
+    if renormalize:
+        a = a / a.sum(dim=-1, keepdim=True)
+    distances = patch_distances(grid_size, patch_size).to(a.device)
+    return (a * distances).sum(dim=-1).mean(dim=-1)
+
+
+def heatmap(values, size):
+    """Attention of one query over the patch grid, values [h, w] -> RGB [3, size, size] in [0, 1].
+
+    Scaled by its maximum and coloured with a black-red-yellow-white ramp (matplotlib's 'hot'), drawn here so the
+    image tools need no plotting library; patches are upsampled by nearest neighbour so the grid stays visible.
+    """
+    t = values / values.max()
+    t = torch.nn.functional.interpolate(t[None, None], size=size, mode="nearest")[0, 0]
+    return torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)])
+
+
+# ---------------------------------------------------------------- spectrum
+
+class FeatureSpectrum:
+    """Singular values of a stack of feature rows, accumulated batch by batch.
+
+    Keeps the row count, the sum and the Gram matrix X^T X in float64, so hundreds of thousands of token features
+    need only a D x D matrix: the singular values of X are the square roots of the eigenvalues of X^T X, and those of
+    the centred X (rows minus their mean, the covariance spectrum) of X^T X - n m m^T.
+    """
+
+    def __init__(self, dim):
+        self.count = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, features):
+        """features: [n, D]."""
+        x = features.detach().to("cpu", torch.float64)
+        self.count += x.shape[0]
+        self.sum += x.sum(dim=0)
+        self.gram += x.T @ x
+
+    def singular_values(self, center=True):
+        """Descending singular values, min(n, D) of them, of the stacked rows (centred with `center`)."""
+        gram = self.gram
+        if center:
+            mean = self.sum / self.count
+            gram = gram - self.count * torch.outer(mean, mean)
+        eig = torch.linalg.eigvalsh(gram).flip(0).clamp(min=0)
+        return eig[:min(self.count, len(eig))].sqrt()
+
+
+def effective_rank(singular_values):
+    """exp(entropy of the singular values normalised to sum 1) (Roy & Vetterli, 2007); k equal values give k."""
+    p = singular_values / singular_values.sum()
+    return float(torch.exp(-torch.special.xlogy(p, p).sum()))
+
+
+# ---------------------------------------------------------------- reconstruction
+
+def predicted_pixels(model, imgs, pred, norm_pix_loss):
+    """Decoder output pred [B, L, p*p*3] as patches in the (ImageNet-normalised) space of imgs [B, 3, H, W].
+
+    A norm-pix model predicts each patch normalised by its own mean and std; they are put back from the original
+    patch, as in the usual MAE visualisations. This borrows the true statistics of the masked patches, so it shows
+    the predicted structure, not a prediction of the patch colour.
+    """
+    if not norm_pix_loss:
+        return pred
+    target = model.patchify(imgs)
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)  # unbiased, as in forward_loss
+    return pred * (var + 1.0e-6) ** 0.5 + mean
+
+
+def reconstruction_rows(model, imgs, pred, mask, norm_pix_loss):
+    """Per image: original, masked input, reconstruction, reconstruction with the visible patches pasted in.
+
+    imgs: [B, 3, H, W] normalised; pred: [B, L, p*p*3]; mask: [B, L], 1 = removed.
+    Returns [4 * B, 3, H, W] RGB in [0, 1], four consecutive images per input image.
+    """
+    recon = model.unpatchify(predicted_pixels(model, imgs, pred, norm_pix_loss))
+    pixel_mask = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).to(imgs.dtype))
+    # Removed patches are shown as 0 in normalised space, i.e. the ImageNet mean colour (grey), as MAE's demo does.
+    masked = imgs * (1 - pixel_mask)
+    pasted = imgs * (1 - pixel_mask) + recon * pixel_mask
+    rows = torch.stack([imgs, masked, recon, pasted], dim=1)
+    return denormalize(rows.flatten(0, 1))
+
+
+# ---------------------------------------------------------------- output
+
+def require_matplotlib():
+    """Import matplotlib's Figure, or stop with what to do about it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise SystemExit("plots need matplotlib, an optional dependency: pip install matplotlib "
+                         "(it is in requirements-dev.txt), or pass --no_plot to write the JSON only") from None
+    return Figure
+
+
+def summary_writer(log_dir):
+    """TensorBoard SummaryWriter for `log_dir` to use in a `with` block; without a log_dir the block gets None."""
+    if not log_dir:
+        return contextlib.nullcontext()
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir)
+
+
+def save_figure(fig, path, writer=None, tag=None):
+    """Write a matplotlib figure as PNG and, with a TensorBoard `writer`, log it under `tag`."""
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    if writer is not None:
+        writer.add_figure(tag, fig)
+    print(f"wrote {path}")
+
+
+def save_images(images, path, nrow, writer=None, tag=None):
+    """Write images [N, 3, H, W] in [0, 1] as one grid PNG (`nrow` images per row) and, with a TensorBoard
+    `writer`, log it under `tag`."""
+    grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+    torchvision.utils.save_image(grid, path)
+    if writer is not None:
+        writer.add_image(tag, grid)
+    print(f"wrote {path}")
