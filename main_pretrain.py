@@ -21,7 +21,7 @@ from util.augment import LUTTwoViews, mae_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from util.datasets import PretrainDataset, ResumableDistributedSampler, check_images, find_images
-from util.dist import barrier, init_distributed, is_main_process, local_device
+from util.dist import barrier, destroy_distributed, init_distributed, is_main_process, local_device
 from util.knn import KNNEvaluator
 from util.logging import append_json_log, create_tb_writer
 from util.preemption import PreemptionHandler
@@ -273,6 +273,7 @@ def main(args):
     if log_writer is not None:
         log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    destroy_distributed()
     if preemption.stopping:
         preemption.requeue()
     return student, teacher
