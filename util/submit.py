@@ -1,0 +1,114 @@
+"""Submit a training script to SLURM with submitit: one task per GPU, requeued after a time limit or preemption.
+
+submitit_pretrain.py, submitit_finetune.py and submitit_linprobe.py each call `submit(entry)` with their entry
+script's module name. The job runs `entry.main(args)` on every task, the rank layout coming from SLURM.
+
+Surviving the time limit and preemption: SLURM sends SIGUSR2 `--signal_delay_s` seconds before the time limit (and
+at preemption, or on `scancel --signal=USR2`). main_pretrain.py then stops at an optimizer step all ranks agree on,
+writes output_dir/checkpoint-last.pth with the data position and hands over to submitit's handler, which calls
+Trainer.checkpoint() and requeues the job under the same job id. The requeued job runs the same arguments, so it
+auto-resumes from that file. Entry scripts without their own SIGUSR2 handling requeue at once and resume from the
+last checkpoint-last.pth they wrote.
+"""
+import argparse
+import copy
+import importlib
+import os
+import shlex
+
+import submitit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_cluster_parser():
+    parser = argparse.ArgumentParser("SLURM options", add_help=False)
+    group = parser.add_argument_group("SLURM (submitit)")
+    group.add_argument("--nodes", default=1, type=int)
+    group.add_argument("--ngpus", default=8, type=int,
+                       help="GPUs per node, one task each (with --device cpu: CPU processes per node, gloo)")
+    group.add_argument("--timeout", default=4320, type=int,
+                       help="time limit of each run of the job, in minutes; at the limit it checkpoints and requeues")
+    group.add_argument("--partition", default=None)
+    group.add_argument("--account", default=None)
+    group.add_argument("--qos", default=None)
+    group.add_argument("--constraint", default=None, help="node features, e.g. volta32gb")
+    group.add_argument("--comment", default=None)
+    group.add_argument("--job_dir", default="",
+                       help="folder for submitit's logs and pickles (default: output_dir/submitit); %%j = job id")
+    group.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per task (data loading workers)")
+    group.add_argument("--mem_gb", default=None, type=int, help="memory per node (default: 40 GB per task)")
+    group.add_argument("--signal_delay_s", default=120, type=int,
+                       help="SIGUSR2 comes this long before the time limit (SLURM may send it up to 60 s earlier): "
+                            "time to finish the current steps and write the checkpoint")
+    group.add_argument("--max_num_timeout", default=100, type=int,
+                       help="how often the job may requeue at its time limit; submitit counts a signal as the time "
+                            "limit once a run has lasted min(0.8 x timeout, timeout - 10 min); earlier signals "
+                            "(preemptions) requeue without limit")
+    return parser
+
+
+class Trainer:
+    """The picklable job: `entry`.main(args) on one task. submitit calls checkpoint() on rank 0 at SIGUSR2."""
+
+    def __init__(self, entry, args):
+        self.entry = entry
+        self.args = args
+
+    def __call__(self):
+        job_id = submitit.JobEnvironment().job_id
+        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (first node), MASTER_PORT (from the job id) for env://. Every
+        # task sees all GPUs of its node and picks cuda:LOCAL_RANK.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        # main() annotates its args (rank, lr, ...): keep the submitted ones pristine for the requeued job.
+        args = copy.deepcopy(self.args)
+        args.output_dir = args.output_dir.replace("%j", job_id)
+        if args.log_dir:
+            args.log_dir = args.log_dir.replace("%j", job_id)
+        importlib.import_module(self.entry).main(args)
+        # Nothing is returned: the results are in output_dir, and submitit would pickle the models.
+
+    def checkpoint(self):
+        """Requeue the same job; the training state is already in output_dir/checkpoint-last.pth."""
+        return submitit.helpers.DelayedSubmission(Trainer(self.entry, self.args))
+
+
+def submit(entry, argv=None):
+    """Parse `entry`'s flags plus the SLURM flags from argv (default sys.argv), submit the job and print where its
+    logs and checkpoints go. Returns the submitit job."""
+    entry_parser = importlib.import_module(entry).get_args_parser()
+    cluster_parser = get_cluster_parser()
+    parser = argparse.ArgumentParser(description=f"{entry_parser.prog}, submitted to SLURM",
+                                     parents=[entry_parser, cluster_parser])
+    parser.set_defaults(device="cuda")  # for the compute nodes, whatever the machine that submits has
+    args = parser.parse_args(argv)
+    cluster = argparse.Namespace(**{k: getattr(args, k) for k in vars(cluster_parser.parse_args([]))})
+    for key in vars(cluster):
+        delattr(args, key)
+    if not os.path.exists(args.data_path):
+        raise SystemExit(f"--data_path {args.data_path} does not exist here (the compute nodes need the same path)")
+
+    on_gpu = args.device.startswith("cuda")
+    executor = submitit.SlurmExecutor(folder=cluster.job_dir or os.path.join(args.output_dir, "submitit"),
+                                      max_num_timeout=cluster.max_num_timeout)
+    executor.update_parameters(
+        job_name=f"{entry}:{args.model}", time=cluster.timeout, nodes=cluster.nodes,
+        ntasks_per_node=cluster.ngpus, gpus_per_node=cluster.ngpus if on_gpu else None,
+        cpus_per_task=cluster.cpus_per_task, mem=f"{cluster.mem_gb or 40 * cluster.ngpus}GB",
+        partition=cluster.partition, account=cluster.account, qos=cluster.qos, constraint=cluster.constraint,
+        comment=cluster.comment, signal_delay_s=cluster.signal_delay_s,
+        setup=[
+            # the job unpickles util.submit.Trainer and imports the entry script from this checkout
+            f"export PYTHONPATH={shlex.quote(REPO)}${{PYTHONPATH:+:$PYTHONPATH}}",
+            # one OpenMP pool per task sized to its cores, not to the whole node
+            f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{cluster.cpus_per_task}}}",
+        ])
+    job = executor.submit(Trainer(entry, args))
+
+    tasks = cluster.nodes * cluster.ngpus
+    print(f"Submitted job {job.job_id}: {entry}.py on {cluster.nodes} node(s) x {cluster.ngpus} "
+          f"{'GPUs' if on_gpu else 'CPU processes'} = {tasks} tasks, {cluster.timeout} min per run")
+    print(f"  log of task 0: {job.paths.stdout} (stderr: {job.paths.stderr.name}; "
+          f"task t: {job.job_id}_<t>_log.*)")
+    print(f"  checkpoints:   {args.output_dir.replace('%j', job.job_id)}")
+    return job
