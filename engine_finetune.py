@@ -10,21 +10,26 @@ from util.logging import MetricLogger
 from util.lr_sched import adjust_learning_rate
 
 def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, epoch, args, mixup_fn=None,
-                    log_writer=None):
-    """Train one epoch: per-iteration lr schedule, optional Mixup / CutMix, gradient accumulation, AMP.
+                    log_writer=None, start_step=0, should_stop=lambda step: False):
+    """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step) says so.
 
-    model: DDP-wrapped when distributed; the batches are (images [B, 3, H, W], labels [B]).
-    Returns a dict of epoch means (averaged over ranks) and the last lr.
+    Per-iteration lr schedule, optional Mixup / CutMix, gradient accumulation, AMP. model: DDP-wrapped when
+    distributed; the batches are (images [B, 3, H, W], labels [B]); an epoch is args.steps_per_epoch optimizer steps.
+    Returns (dict of epoch means averaged over ranks plus the last lr, optimizer steps of the epoch done).
     """
     model.train()
     accum = args.accum_iter
-    iters = len(data_loader)
-    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq)
+    iters = args.steps_per_epoch * accum
+    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=iters)
     guard = NonFiniteGuard(device)
+    step = start_step
     optimizer.zero_grad(set_to_none=True)
-    batches = logger.log_every(data_loader, images_per_iter=args.batch_size * args.world_size)
-    for it, (samples, targets) in enumerate(batches):
-        step = (epoch * iters + it) // accum
+    batches = logger.log_every(data_loader, images_per_iter=args.batch_size * args.world_size,
+                               start_iter=start_step * accum)
+    for it, (samples, targets) in enumerate(batches, start=start_step * accum):
+        if it >= iters:
+            break
+        global_step = epoch * args.steps_per_epoch + step
         if it % accum == 0:
             lr = adjust_learning_rate(optimizer, epoch + it / iters, args)
         samples = samples.to(device, non_blocking=True)
@@ -40,7 +45,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
         sync = contextlib.nullcontext() if last_micro or not args.distributed else model.no_sync()
         with sync:
             scaler.scale(loss / accum).backward()
-        guard.update(step, dict(loss=loss))
+        guard.update(global_step, dict(loss=loss))
         logger.update(loss=loss)
         if last_micro:
             if args.clip_grad is not None:
@@ -50,13 +55,16 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             logger.set(lr=lr)
+            step += 1
         if (it + 1) % args.print_freq == 0:
             guard.check()
             if log_writer is not None:
-                log_writer.add_scalar("train/loss", loss.item(), step)  # rank 0's batch
-                log_writer.add_scalar("train/lr", lr, step)
+                log_writer.add_scalar("train/loss", loss.item(), global_step)  # rank 0's batch
+                log_writer.add_scalar("train/lr", lr, global_step)
+        if last_micro and should_stop(global_step + 1):
+            break
     guard.check()
-    return logger.summary()
+    return logger.summary(), step
 
 
 @torch.no_grad()

@@ -28,11 +28,12 @@ from torch.nn.parallel import DistributedDataParallel
 import models_vit
 from engine_finetune import evaluate, train_one_epoch
 from util.augment import eval_transform
-from util.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from util.datasets import build_imagefolder, check_images, rank_shard
+from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from util.datasets import ResumableDistributedSampler, build_imagefolder, check_images, rank_shard
 from util.dist import barrier, destroy_distributed, init_distributed, is_main_process, local_device
 from util.logging import append_json_log, create_tb_writer
 from util.lr_sched import effective_lr
+from util.preemption import PreemptionHandler
 from util.pretrained import load_pretrained
 
 # SPEC §4 ViT-B recipes: the LUT authors' and MAE's differ only in the lr rule, base lr and layer decay.
@@ -192,13 +193,15 @@ def build_datasets(args, train_transform):
 def build_loaders(args, train_set, val_set, device):
     """Training loader (shuffled, split over ranks, drop_last) and validation loader (the whole set on every rank,
     or one shard per rank with --dist_eval)."""
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=args.world_size, rank=args.rank,
-                                                  shuffle=True, seed=args.seed)
+    # torch's DistributedSampler split, able to skip the batches a preempted run already trained on.
+    sampler = ResumableDistributedSampler(len(train_set), args.world_size, args.rank, shuffle=True, seed=args.seed,
+                                          with_seeds=False)
     pin = args.pin_mem and device.type == "cuda"
     train_loader = torch.utils.data.DataLoader(
         train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin,
         drop_last=True, persistent_workers=args.num_workers > 0)
-    if len(train_loader) < args.accum_iter:
+    args.steps_per_epoch = len(train_loader) // args.accum_iter
+    if args.steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training images are fewer than one optimizer step "
                          f"({args.batch_size} x {args.accum_iter} x {args.world_size} ranks)")
     if args.dist_eval and args.distributed:
@@ -224,7 +227,9 @@ def set_lr(args):
 
 
 def resume(path, args, model, optimizer, scaler):
-    """Load a checkpoint of this script; returns (next epoch, best top-1 so far)."""
+    """Load a checkpoint of this script; returns (start epoch, start step in it, best top-1 so far).
+
+    A checkpoint written at a preemption signal resumes mid-epoch, after the batches already trained on."""
     ckpt = load_checkpoint(path)
     saved = ckpt.get("args") or {}
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
@@ -233,12 +238,18 @@ def resume(path, args, model, optimizer, scaler):
                          f"use another --output_dir or --no_auto_resume")
     model.load_state_dict(ckpt["model"])
     if args.eval:
-        return 0, 0.0
+        return 0, 0, 0.0
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    print(f"Resumed from {path}: epoch {ckpt['epoch']} complete, best top-1 {ckpt['max_accuracy']:.2f}%")
-    return ckpt["epoch"] + 1, ckpt["max_accuracy"]
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    epoch, done = ckpt["epoch"], ckpt.get("epoch_step", args.steps_per_epoch)
+    if done < args.steps_per_epoch:
+        print(f"Resumed from {path}: epoch {epoch}, step {done}/{args.steps_per_epoch}")
+        return epoch, done, ckpt["max_accuracy"]
+    print(f"Resumed from {path}: epoch {epoch} complete, best top-1 {ckpt['max_accuracy']:.2f}%")
+    return epoch + 1, 0, ckpt["max_accuracy"]
 
 
 def report(stats):
@@ -254,10 +265,10 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, mix
     model: unwrapped, on `device`. Returns the last evaluation's dict(acc1, acc5, loss, count) plus max_accuracy.
     """
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch, max_accuracy = 0, 0.0
+    start_epoch, start_step, max_accuracy = 0, 0, 0.0
     ckpt_path = find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume and not args.eval)
     if ckpt_path:
-        start_epoch, max_accuracy = resume(ckpt_path, args, model, optimizer, scaler)
+        start_epoch, start_step, max_accuracy = resume(ckpt_path, args, model, optimizer, scaler)
     reduce = args.dist_eval and args.distributed
     if args.eval:
         stats = evaluate(model, val_loader, device, args.amp, reduce)
@@ -271,28 +282,35 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, mix
         os.makedirs(args.output_dir, exist_ok=True)
     log_writer = create_tb_writer(args.log_dir or args.output_dir)
 
-    def save(name, epoch):
+    def save(name, epoch, epoch_step):
         if is_main_process():
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch, "max_accuracy": max_accuracy,
-                             "args": vars(args)}, os.path.join(args.output_dir, name))
+                             "scaler": scaler.state_dict(), "epoch": epoch, "epoch_step": epoch_step,
+                             "max_accuracy": max_accuracy, "rng": rng_state(), "args": vars(args)},
+                            os.path.join(args.output_dir, name))
         barrier()
 
-    print(f"Start training for {args.epochs} epochs from epoch {start_epoch}")
+    preemption = PreemptionHandler(check_every=args.print_freq)
+    print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
     start_time = time.time()
     stats = {}
     for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        train_stats = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler, device, epoch, args,
-                                      mixup_fn, log_writer)
+        train_loader.sampler.set_epoch(epoch, start_iter=start_step * args.accum_iter, batch_size=args.batch_size)
+        train_stats, done = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler, device, epoch,
+                                            args, mixup_fn, log_writer, start_step, preemption.requested)
+        start_step = 0
+        if done < args.steps_per_epoch:  # preempted mid-epoch: keep the position, evaluate after the requeue
+            save("checkpoint-last.pth", epoch, done)
+            print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; checkpoint-last.pth resumes here")
+            break
         stats = evaluate(model, val_loader, device, args.amp, reduce)
         report(stats)
         is_best = stats["acc1"] > max_accuracy
         max_accuracy = max(max_accuracy, stats["acc1"])
         print(f"Max accuracy: {max_accuracy:.2f}%")
-        save("checkpoint-last.pth", epoch)
+        save("checkpoint-last.pth", epoch, done)
         if is_best:
-            save("checkpoint-best.pth", epoch)
+            save("checkpoint-best.pth", epoch, done)
         if log_writer is not None:
             for name, value in {**{f"train_{k}": v for k, v in train_stats.items()},
                                 **{f"test_{k}": v for k, v in stats.items()}}.items():
@@ -300,9 +318,14 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, mix
             log_writer.flush()
         append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in train_stats.items()},
                                           **{f"test_{k}": v for k, v in stats.items()}, "epoch": epoch})
+        if preemption.requested(epoch * args.steps_per_epoch + done):
+            break
     if log_writer is not None:
         log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if preemption.stopping:
+        destroy_distributed()
+        preemption.requeue()
     return {**stats, "max_accuracy": max_accuracy}
 
 

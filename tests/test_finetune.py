@@ -5,6 +5,7 @@ import json
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 
@@ -322,3 +323,28 @@ def test_missing_val_folder_fails_early_with_clear_message(demo, tmp_path):
     proc = finetune("--data_path", tmp_path, "--output_dir", tmp_path, check=False)
     assert proc.returncode != 0 and f"{tmp_path}/val does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigusr2_checkpoints_mid_epoch_and_the_resumed_run_trains_each_batch_once(demo, pretrained, tmp_path):
+    out = tmp_path / "ft"
+    cmd = [sys.executable, MICRO_FINETUNE, "finetune", "--model", "vit_micro", "--batch_size", "16", "--print_freq",
+           "5", "--input_size", "32", "--patch_size", "8", "--num_workers", "0", "--data_path", str(demo),
+           "--finetune", str(pretrained), "--epochs", "2", "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if "Epoch [0] [ 10/187]" in line:
+            proc.send_signal(signal.SIGUSR2)
+            break
+    output = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, output
+    stopped = int(re.search(r"Stopped at epoch 0, step (\d+)/187", output).group(1))
+    assert 10 <= stopped < 187 and "Accuracy on" not in output  # no evaluation of a partial epoch
+    resumed = run((MICRO_FINETUNE, "finetune", "--model", "vit_micro", "--batch_size", "16", "--print_freq", "5"),
+                  "--num_workers", "0", "--data_path", demo, "--finetune", pretrained, "--epochs", "2",
+                  "--output_dir", out).stdout
+    assert f"Resumed from {out / 'checkpoint-last.pth'}: epoch 0, step {stopped}/187" in resumed
+    assert f"Epoch [0] [{(stopped // 5 + 1) * 5:>3}/187]" in resumed  # continues from the data position
+    with open(out / "log.txt") as f:
+        assert [json.loads(line)["epoch"] for line in f] == [0, 1]

@@ -105,10 +105,11 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
 
     The epoch permutation comes from `seed + epoch` and rank r takes `perm[r::num_replicas]`, exactly as
     torch.utils.data.DistributedSampler; with `drop_last` the tail that does not divide evenly is dropped, otherwise
-    the list is padded by repeating its start.
+    the list is padded by repeating its start. with_seeds=False yields plain indices (labelled ImageFolders, whose
+    timm augmentations are not seeded per sample).
     """
 
-    def __init__(self, dataset_len, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True):
+    def __init__(self, dataset_len, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True, with_seeds=True):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
         self.dataset_len = dataset_len
@@ -117,6 +118,7 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         self.shuffle = shuffle
         self.seed = seed
         self.drop_last = drop_last
+        self.with_seeds = with_seeds
         if drop_last:
             self.num_samples = dataset_len // num_replicas
         else:
@@ -144,6 +146,8 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         total = self.num_samples * self.num_replicas
         indices = (indices * math.ceil(total / len(indices)))[:total]
         mine = indices[self.rank:total:self.num_replicas][self.start:]
+        if not self.with_seeds:
+            return iter(mine)
         return iter([(i, augmentation_seed(self.seed, self.epoch, i)) for i in mine])
 
     def __len__(self):

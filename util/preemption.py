@@ -29,6 +29,8 @@ class PreemptionHandler:
 
     def requested(self, global_step):
         """True once every rank should stop after `global_step`; call it on all ranks after each optimizer step."""
+        if self.stopping:
+            return True
         if get_world_size() == 1:
             self.stopping = self.received
         elif global_step % self.check_every == 0:
