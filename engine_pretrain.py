@@ -99,8 +99,8 @@ class CompiledStep:
     """`pretrain_step` through torch.compile; if compilation fails, a printed warning and eager mode from then on.
 
     Compilation happens at the first call (and on recompiles), so that is where a failure (no C++ compiler for
-    inductor on CPU, an unsupported op) shows; dynamo traces with fake tensors before running anything, so the
-    failed call has not touched the model and is simply repeated eagerly.
+    inductor on CPU, an unsupported op) shows. pretrain_step compiles to a single graph, traced with fake tensors
+    before anything runs, so the failed call has not touched the model and is simply repeated eagerly.
     """
 
     def __init__(self):

@@ -89,7 +89,7 @@ def get_args_parser():
     parser.set_defaults(pin_mem=True)
     parser.add_argument("--fast_decode", action="store_true",
                         help="LUT: decode JPEGs at 1/2, 1/4 or 1/8 scale while the shorter side stays >= input_size "
-                             "(faster data loading; pixels differ slightly from a full decode, see docs/performance.md)")
+                             "(faster loading; pixels differ slightly from a full decode, see docs/performance.md)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training step (falls back to eager with a warning if it fails)")
     return parser

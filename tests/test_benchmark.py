@@ -1,0 +1,238 @@
+"""Speed work never changes results: the optimised step and input pipeline against straightforward versions, and
+tools/benchmark.py end to end."""
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+
+import engine_pretrain
+from engine_pretrain import CompiledStep, apply_gradients, build_optimizer, pretrain_step
+from models_lut import LUT, MaskedAutoencoderViT
+from util.augment import BICUBIC, LUTTwoViews
+from util.datasets import PretrainDataset, load_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import benchmark  # noqa: E402
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+            decoder_num_heads=2, norm_pix_loss=True)
+ARGS = argparse.Namespace(mask_ratio=0.75, w_mae=1.0, w_bc=0.25, amp="none", weight_decay=0.05, lr=1e-3)
+
+
+def tiny_pair(lut):
+    torch.manual_seed(0)
+    student = LUT(**TINY, head_mlp_dim=64) if lut else MaskedAutoencoderViT(**TINY)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False) if lut else None
+    with torch.no_grad():  # a teacher that differs from the student, with non-trivial BN running statistics
+        if lut:
+            for p in teacher.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+            teacher.head[1].running_mean.normal_()
+            teacher.head[1].running_var.uniform_(0.5, 2.0)
+    return student.train(), teacher
+
+
+def straightforward_terms(model, teacher, x1, x2, noise):
+    """SPEC §2 written out view by view: the teacher encodes each full view on its own, the student each masked
+    view in its own call, the heads see one view each; masks from argsort(noise), loss 2 - 2 cos."""
+    L = noise.shape[1]
+    n = int(L * (1 - ARGS.mask_ratio))
+    perm = noise.argsort(dim=1)
+    keep1, keep2 = perm[:, :n], perm[:, n:2 * n]
+    mask1 = torch.ones_like(noise).scatter_(1, keep1, 0.0)
+    latent1 = model.forward_encoder(x1, keep1)
+    pred = model.forward_decoder(latent1, perm.argsort(dim=1))
+    mim = model.forward_loss(x1, pred, mask1)
+    if teacher is None:
+        return dict(loss=mim)
+    latent2 = model.forward_encoder(x2, keep2)
+    q1 = model.predictor(model.head(latent1[:, 1:].mean(dim=1)))
+    q2 = model.predictor(model.head(latent2[:, 1:].mean(dim=1)))
+    with torch.no_grad():
+        k1 = teacher.head(teacher.forward_encoder(x1)[:, 1:].mean(dim=1))
+        k2 = teacher.head(teacher.forward_encoder(x2)[:, 1:].mean(dim=1))
+    bc = ((2 - 2 * F.cosine_similarity(q1, k2)).mean() + (2 - 2 * F.cosine_similarity(q2, k1)).mean()) / 2
+    return dict(loss=ARGS.w_mae * mim + ARGS.w_bc * bc, mim=mim, bc=bc)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("lut", [True, False], ids=["lut", "mae"])
+def test_optimised_step_gives_the_losses_and_gradients_of_the_straightforward_step(lut):
+    model, teacher = tiny_pair(lut)
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)
+    x1, x2, noise = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32), torch.rand(6, 16)
+
+    terms = pretrain_step(model, teacher, [x1, x2] if lut else [x1], noise, ARGS)
+    terms["loss"].backward()
+    want = straightforward_terms(reference, teacher, x1, x2, noise)
+    want["loss"].backward()
+
+    assert terms.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(terms[name], want[name], rtol=1e-5, atol=1e-6)
+    got, expected = grads(model), grads(reference)
+    assert got.keys() == expected.keys() and len(got) == sum(p.requires_grad for p in model.parameters())
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The BatchNorm running statistics (updated per view) agree too.
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_optimizer_and_teacher_update_match_plain_loops():
+    model, teacher = tiny_pair(lut=True)
+    reference, teacher_before = copy.deepcopy(model), copy.deepcopy(teacher)
+    torch.manual_seed(1)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+    optimizer = build_optimizer(model, ARGS, torch.device("cpu"))
+    assert optimizer.defaults["fused"]
+    apply_gradients(optimizer, torch.amp.GradScaler("cpu", enabled=False), model, teacher, momentum=0.9)
+
+    trained = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.ndim >= 2 and n not in reference.no_weight_decay()]
+    no_decay = [p for n, p in trained if p.ndim < 2 or n in reference.no_weight_decay()]
+    plain = torch.optim.AdamW([dict(params=decay, weight_decay=ARGS.weight_decay),
+                               dict(params=no_decay, weight_decay=0.0)],
+                              lr=ARGS.lr, betas=(0.9, 0.95), foreach=False)
+    plain.step()
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+        assert a.grad is None  # cleared for the next accumulation window
+    assert not torch.equal(model.blocks[0].attn.qkv.weight, teacher_before.blocks[0].attn.qkv.weight)
+    for (name, t), t0, s in zip(teacher.state_dict().items(), teacher_before.state_dict().values(),
+                                model.state_dict().values()):
+        want = 0.9 * t0 + 0.1 * s if t.is_floating_point() else s
+        torch.testing.assert_close(t, want, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, capsys):
+    calls = []
+
+    def failing_compile(fn):
+        def compiled(*args):
+            calls.append(1)
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(engine_pretrain.torch, "compile", failing_compile)
+    model, teacher = tiny_pair(lut=True)
+    x1, x2, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    step = CompiledStep()
+    terms = step(model, teacher, [x1, x2], noise, ARGS)
+    step(model, teacher, [x1, x2], noise, ARGS)
+    out = capsys.readouterr().out
+    assert out.count("WARNING: torch.compile failed") == 1 and "no C++ compiler found" in out
+    assert calls == [1]  # not retried
+    torch.testing.assert_close(terms["loss"], straightforward_terms(model, teacher, x1, x2, noise)["loss"])
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager_step():
+    model, teacher = tiny_pair(lut=True)
+    reference = copy.deepcopy(model)
+    x1, x2, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    step = CompiledStep()
+    terms = step(model, teacher, [x1, x2], noise, ARGS)
+    assert step.compiled is not None, "compilation failed on this machine"
+    terms["loss"].backward()
+    want = pretrain_step(reference, teacher, [x1, x2], noise, ARGS)
+    want["loss"].backward()
+    for name in want:
+        torch.testing.assert_close(terms[name], want[name], rtol=1e-5, atol=1e-6)
+    expected = grads(reference)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- input pipeline
+
+def photo(width, height, path):
+    rng = np.random.default_rng(0)
+    benchmark.natural_image(width, height, rng).save(path, quality=90)
+    return str(path)
+
+
+def test_shared_resize_gives_the_views_of_resizing_in_each_view(tmp_path):
+    img = load_image(photo(300, 200, tmp_path / "a.jpg"))
+    views = LUTTwoViews(64)
+    per_view = [T.Compose([T.Resize(64, interpolation=BICUBIC), *v.transforms]) for v in (views.view1, views.view2)]
+    for seed in range(8):
+        torch.manual_seed(seed)
+        got = views(img)
+        torch.manual_seed(seed)
+        want = per_view[0](img), per_view[1](img)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_fast_decode_scales_jpegs_down_while_the_shorter_side_stays_above_the_crop(tmp_path):
+    big, small = photo(1000, 800, tmp_path / "big.jpg"), photo(500, 375, tmp_path / "small.jpg")
+    Image.open(big).save(tmp_path / "big.png")
+    assert load_image(big, draft_size=224).size == (500, 400)  # 1/4 would give a 200-pixel side
+    assert load_image(big, draft_size=96).size == (125, 100)  # 1/8
+    assert load_image(small, draft_size=224).size == (500, 375)  # 1/2 would give 188 < 224
+    assert load_image(str(tmp_path / "big.png"), draft_size=224).size == (1000, 800)  # not a JPEG: unchanged
+    assert load_image(big).size == (1000, 800)
+
+
+def test_fast_decode_changes_the_views_only_slightly(tmp_path):
+    path = photo(1000, 800, tmp_path / "big.jpg")
+    full, fast = PretrainDataset([path], LUTTwoViews(224)), PretrainDataset([path], LUTTwoViews(224), draft_size=224)
+    for seed in range(3):
+        for a, b in zip(full[(0, seed)], fast[(0, seed)]):
+            assert a.shape == b.shape
+            # normalised units (one 8-bit level is about 0.017): small resampling differences, same crop and flip
+            assert (a - b).abs().mean() < 0.05
+            assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.98
+
+
+# ---------------------------------------------------------------- the benchmark tool
+
+def test_flops_per_step_are_linear_in_the_batch_size():
+    base = ["--model", "lut_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8", "--threads", "1",
+            "--warmup", "0", "--repeats", "1"]
+    flops = {}
+    for batch in (2, 4):
+        args = benchmark.get_args_parser().parse_args(base + ["--batch_size", str(batch)])
+        args.amp = "none"
+        flops[batch] = benchmark.measure_step(args, args.model, False, ["--head_mlp_dim", "32"])["flops_per_step"]
+    assert flops[4] == 2 * flops[2] > 0
+
+
+@pytest.mark.slow
+def test_benchmark_reports_step_mfu_ratio_and_pipeline(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--model", "lut_vit_tiny_patch16",
+           "--input_size", "32", "--patch_size", "8", "--batch_size", "2", "--threads", "1", "--warmup", "1",
+           "--repeats", "2", "--peak_sizes", "64", "128", "--num_images", "3", "--passes", "1",
+           "--head_mlp_dim", "32", "--output_json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [s["model"] for s in report["steps"]] == ["lut_vit_tiny_patch16", "mae_vit_tiny_patch16"]
+    for s in report["steps"]:
+        assert len(s["step_times_s"]) == 2 and s["step_time_s"] > 0 and s["peak_memory_mb"] > 0
+        peak = max(report["peak_flops_per_s"]["float32"].values())
+        assert s["mfu"] == pytest.approx(s["achieved_flops_per_s"] / peak)
+    (ratio,) = report["lut_vs_mae"]
+    lut, mae = report["steps"]
+    assert ratio["flop_ratio"] == lut["flops_per_step"] / mae["flops_per_step"] > 1
+    assert report["pipeline"]["images"] == 3 and report["pipeline"]["lut_two_views"] > 0
+    assert "MFU" in proc.stdout and "LUT / MAE" in proc.stdout
