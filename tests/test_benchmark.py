@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import engine_pretrain
 from engine_pretrain import CompiledStep, apply_gradients, build_optimizer, pretrain_step
@@ -32,13 +33,14 @@ ARGS = argparse.Namespace(mask_ratio=0.75, w_mae=1.0, w_bc=0.25, amp="none", wei
 def tiny_pair(lut):
     torch.manual_seed(0)
     student = LUT(**TINY, head_mlp_dim=64) if lut else MaskedAutoencoderViT(**TINY)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False) if lut else None
+    if not lut:
+        return student.train(), None
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
     with torch.no_grad():  # a teacher that differs from the student, with non-trivial BN running statistics
-        if lut:
-            for p in teacher.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-            teacher.head[1].running_mean.normal_()
-            teacher.head[1].running_var.uniform_(0.5, 2.0)
+        for p in teacher.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        teacher.head[1].running_mean.normal_()
+        teacher.head[1].running_var.uniform_(0.5, 2.0)
     return student.train(), teacher
 
 
@@ -213,6 +215,24 @@ def test_flops_per_step_are_linear_in_the_batch_size():
         args.amp = "none"
         flops[batch] = benchmark.measure_step(args, args.model, False, ["--head_mlp_dim", "32"])["flops_per_step"]
     assert flops[4] == 2 * flops[2] > 0
+
+
+def test_fused_attention_flops_equal_those_of_explicit_attention():
+    def step_flops(model, teacher, fused):
+        for m in (model, teacher):
+            for blk in [*m.blocks, *m.decoder_blocks]:
+                blk.attn.fused_attn = fused
+        mapping = benchmark.ATTENTION_FLOPS if fused else {}
+        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+            pretrain_step(model, teacher, [x1, x2], noise, ARGS)["loss"].backward()
+        return counter.get_flop_counts()["Global"]
+
+    model, teacher = tiny_pair(lut=True)
+    x1, x2, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    fused, explicit = step_flops(model, teacher, True), step_flops(model, teacher, False)
+    attention = sum(v for op, v in fused.items() if "scaled_dot_product" in str(op))
+    assert attention > 0 and attention == explicit[torch.ops.aten.bmm]
+    assert sum(fused.values()) == sum(explicit.values())
 
 
 @pytest.mark.slow

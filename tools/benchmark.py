@@ -8,10 +8,11 @@
 The step is engine_pretrain's own code: `pretrain_step` (forward under --amp autocast), backward, `apply_gradients`
 (fused AdamW, the teacher's EMA update), on random images already on the device; its time is the median of
 --repeats steps after --warmup steps. Each model runs in a fresh process, so its peak memory is its own (CUDA: the
-allocator's peak; CPU: the process's peak resident memory). FLOPs are counted with torch.utils.flop_counter over one
-whole step (matmuls, convolutions and attention, forward and backward, the teacher's forward included). MFU =
-achieved FLOP/s / the measured dense-matmul peak of the step's precision, the best square matmul of --peak_sizes
-(float32 for --amp none, bfloat16 for bf16); the ratio to the best peak of any precision is reported as well.
+allocator's peak; CPU: peak resident memory above that before the model was built). FLOPs are counted with
+torch.utils.flop_counter over one whole step (matmuls, convolutions and attention, forward and backward, the
+teacher's forward included). MFU = achieved FLOP/s / the measured dense-matmul peak of the step's precision, the best
+square matmul of --peak_sizes (float32 for --amp none, bfloat16 for bf16); the ratio to the best peak of any
+precision is reported as well.
 The input pipeline is timed per DataLoader worker (one process, one thread): `PretrainDataset` with LUT's two
 views (full and --fast_decode JPEG decoding) and with MAE's crop, on --data_path or on synthetic JPEGs of
 ImageNet-like sizes written to a temporary folder. Any other main_pretrain flag (--mask_ratio, --head_mlp_dim, ...)
@@ -44,6 +45,7 @@ from util.datasets import PretrainDataset, augmentation_seed, find_images  # noq
 
 # The matmul precision that bounds a step of each --amp setting.
 PEAK_DTYPE = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 # ImageNet-like JPEG sizes (its training images are mostly 500 x 375 / 375 x 500 / 500 x 333, some much larger).
 JPEG_SIZES = [(500, 375), (375, 500), (500, 333), (640, 480), (800, 600), (1000, 800)]
 
@@ -60,7 +62,7 @@ def get_args_parser():
     parser.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                         help="autocast precision (default bf16 on CUDA, none on CPU), as in main_pretrain")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd step")
-    parser.add_argument("--threads", default=len(os.sched_getaffinity(0)), type=int,
+    parser.add_argument("--threads", default=CORES, type=int,
                         help="torch threads for the step and the matmul peak (default: all cores)")
     parser.add_argument("--warmup", default=3, type=int, help="untimed steps first (compilation happens here)")
     parser.add_argument("--repeats", default=10, type=int, help="timed steps; the median is reported")
@@ -120,7 +122,7 @@ def machine_info(device):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    info = dict(cpu=cpu, cores=len(os.sched_getaffinity(0)), torch=torch.__version__, python=platform.python_version())
+    info = dict(cpu=cpu, cores=CORES, torch=torch.__version__, python=platform.python_version())
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -168,7 +170,9 @@ def reset_peak_memory(device):
 
 
 def resident_mb(field):
-    """A memory field of /proc/self/status in MB: VmRSS (now) or VmHWM (peak)."""
+    """A memory field of /proc/self/status in MB, VmRSS (now) or VmHWM (peak); None where there is none (not Linux)."""
+    if not os.path.exists("/proc/self/status"):
+        return None
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 2 ** 10
 
@@ -177,7 +181,8 @@ def peak_memory_mb(device, baseline_mb):
     """CUDA: peak bytes the allocator handed out; CPU: peak resident set size above `baseline_mb`."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resident_mb("VmHWM") - baseline_mb
+    peak = resident_mb("VmHWM")
+    return None if peak is None else peak - baseline_mb
 
 
 def measure_step(args, model_name, compiled, extra):
@@ -245,10 +250,9 @@ def natural_image(width, height, rng):
     for octave in range(1, 8):
         cells = 2 ** octave
         grid = rng.standard_normal((cells * height // longest + 2, cells * width // longest + 2, 3))
-        layer = [np.asarray(Image.fromarray(grid[..., c].astype(np.float32)).resize((width, height),
-                                                                                   Image.BICUBIC))
-                 for c in range(3)]
-        img += np.stack(layer, axis=-1) * 60 * 0.8 ** octave
+        layers = [Image.fromarray(grid[..., c].astype(np.float32)).resize((width, height), Image.BICUBIC)
+                  for c in range(3)]
+        img += np.stack([np.asarray(layer) for layer in layers], axis=-1) * 60 * 0.8 ** octave
     img += rng.standard_normal(img.shape).astype(np.float32) * 9
     return Image.fromarray(np.clip(img + 128, 0, 255).astype(np.uint8))
 
@@ -288,7 +292,10 @@ def measure_pipeline(args):
         else:
             paths = write_jpegs(tmp, args.num_images)
             source = f"synthetic JPEGs, quality 90, sizes {JPEG_SIZES}"
-        sizes = [Image.open(p).size for p in paths]
+        sizes = []
+        for path in paths:
+            with Image.open(path) as img:
+                sizes.append(img.size)
         mean_kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
         lut, mae = LUTTwoViews(args.input_size), mae_transform(args.input_size)
         return dict(source=source, images=len(paths), mean_pixels=sum(w * h for w, h in sizes) / len(sizes),
@@ -347,7 +354,7 @@ def format_report(report):
             lines.append(f"{s['model']:<24} {s['amp']:>4} {'yes' if s['compiled'] else 'no':>7} "
                          f"{s['batch_size']:>5} {s['step_time_s'] * 1e3:>9.1f} {s['images_per_s']:>8.1f} "
                          f"{s['flops_per_image'] / 1e9:>9.2f} {s['achieved_flops_per_s'] / 1e9:>9.1f} {mfu:>6} "
-                         f"{best:>7} {s['peak_memory_mb']:>8.0f}")
+                         f"{best:>7} {s['peak_memory_mb'] or 0:>8.0f}")
     for r in report["lut_vs_mae"]:
         lines.append(f"LUT / MAE{' (compiled)' if r['compiled'] else ''}: step time x{r['step_time_ratio']:.3f}, "
                      f"FLOPs x{r['flop_ratio']:.3f} ({r['relative_difference']:+.1%})")
