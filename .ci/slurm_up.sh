@@ -12,6 +12,11 @@ pkgs="munge slurmctld slurmd slurm-client"
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends $pkgs >/dev/null
 
+# 0. a run killed mid-way (or an earlier cluster on this machine) leaves daemons and saved state behind: slurmctld
+#    would recover its old jobs and the node would stay allocated/completing. Start from a clean state.
+bash "$(dirname "$0")/slurm_down.sh" >/dev/null 2>&1 || true
+rm -rf /var/lib/slurm/slurmctld /var/lib/slurm/slurmd
+
 # 1. munge (the package's postinst already generated /etc/munge/munge.key)
 install -d -o munge -g munge -m 0755 /run/munge
 runuser -u munge -- /usr/sbin/munged
@@ -97,9 +102,16 @@ else
 fi
 
 # 4. daemons (they daemonize themselves; PIDs in /run/*.pid)
-/usr/sbin/slurmctld
+/usr/sbin/slurmctld -c            # -c: ignore any saved job state
 /usr/sbin/slurmd -N localhost     # -N: node name "localhost" differs from the real hostname
-for _ in $(seq 60); do sinfo -h -o %T 2>/dev/null | grep -qx idle && break; sleep 0.5; done
+for i in $(seq 120); do
+  state=$(sinfo -h -o %T 2>/dev/null || true)
+  [ "$state" = idle ] && break
+  case "$state" in   # a node remembered as down/drained is put back in service
+    down*|drain*) [ $((i % 10)) = 0 ] && scontrol update NodeName=localhost State=RESUME 2>/dev/null || true ;;
+  esac
+  sleep 0.5
+done
 if ! sinfo -h -o %T | grep -qx idle; then
   echo "slurm_up.sh: the node did not become idle" >&2
   tail -n 20 /var/log/slurm/slurmctld.log /var/log/slurm/slurmd.log >&2
