@@ -10,17 +10,19 @@ from util.logging import MetricLogger
 from util.lr_sched import adjust_learning_rate
 
 def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, epoch, args, mixup_fn=None,
-                    log_writer=None, start_step=0, should_stop=lambda step: False):
+                    log_writer=None, start_step=0, should_stop=lambda step: False, totals=None):
     """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step) says so.
 
     Per-iteration lr schedule, optional Mixup / CutMix, gradient accumulation, AMP. model: DDP-wrapped when
     distributed; the batches are (images [B, 3, H, W], labels [B]); an epoch is args.steps_per_epoch optimizer steps.
-    Returns (dict of epoch means averaged over ranks plus the last lr, optimizer steps of the epoch done).
+    totals: the logger totals of the epoch's first part when resuming mid-epoch (see MetricLogger).
+    Returns (dict of epoch means averaged over ranks plus the last lr, optimizer steps of the epoch done,
+    the logger totals to save with a mid-epoch checkpoint).
     """
     model.train()
     accum = args.accum_iter
     iters = args.steps_per_epoch * accum
-    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=iters)
+    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=iters, totals=totals)
     guard = NonFiniteGuard(device)
     step = start_step
     optimizer.zero_grad(set_to_none=True)
@@ -64,7 +66,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
         if last_micro and should_stop(global_step + 1):
             break
     guard.check()
-    return logger.summary(), step
+    return logger.summary(), step, logger.totals()
 
 
 @torch.no_grad()

@@ -119,19 +119,22 @@ class CompiledStep:
 
 
 def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoch, args, start_step=0,
-                    log_writer=None, should_stop=lambda step: False, step_fn=pretrain_step):
+                    log_writer=None, should_stop=lambda step: False, step_fn=pretrain_step, totals=None):
     """Train from optimizer step `start_step` of `epoch` to the end of the epoch, or until should_stop(global_step).
 
     model: the student (DDP-wrapped when distributed); teacher: the EMA copy for LUT, None for MAE.
     step_fn: `pretrain_step` or a `CompiledStep` of it.
     args.steps_per_epoch optimizer steps make an epoch, each of args.accum_iter micro-batches.
-    Returns (stats: dict of epoch means, steps_done: optimizer steps of this epoch completed so far).
+    totals: the logger totals of the epoch's first part when resuming mid-epoch (see MetricLogger).
+    Returns (stats: dict of epoch means, steps_done: optimizer steps of this epoch completed so far,
+    totals: the logger totals to save with a mid-epoch checkpoint).
     """
     model.train()
     student = model.module if hasattr(model, "module") else model
     accum, lut = args.accum_iter, teacher is not None
     micro_per_epoch = args.steps_per_epoch * accum
-    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=micro_per_epoch)
+    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=micro_per_epoch,
+                          totals=totals)
     guard = NonFiniteGuard(device)
     step = start_step
     optimizer.zero_grad(set_to_none=True)
@@ -173,4 +176,4 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
             break
 
     guard.check()
-    return logger.summary(), step
+    return logger.summary(), step, logger.totals()

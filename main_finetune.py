@@ -227,9 +227,10 @@ def set_lr(args):
 
 
 def resume(path, args, model, optimizer, scaler):
-    """Load a checkpoint of this script; returns (start epoch, start step in it, best top-1 so far).
+    """Load a checkpoint of this script; returns (start epoch, start step in it, best top-1 so far, epoch totals).
 
-    A checkpoint written at a preemption signal resumes mid-epoch, after the batches already trained on."""
+    A checkpoint written at a preemption signal resumes mid-epoch, after the batches already trained on, with the
+    logger totals of the epoch's first part (None otherwise)."""
     ckpt = load_checkpoint(path)
     saved = ckpt.get("args") or {}
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
@@ -238,7 +239,7 @@ def resume(path, args, model, optimizer, scaler):
                          f"use another --output_dir or --no_auto_resume")
     model.load_state_dict(ckpt["model"])
     if args.eval:
-        return 0, 0, 0.0
+        return 0, 0, 0.0, None
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -247,9 +248,9 @@ def resume(path, args, model, optimizer, scaler):
     epoch, done = ckpt["epoch"], ckpt.get("epoch_step", args.steps_per_epoch)
     if done < args.steps_per_epoch:
         print(f"Resumed from {path}: epoch {epoch}, step {done}/{args.steps_per_epoch}")
-        return epoch, done, ckpt["max_accuracy"]
+        return epoch, done, ckpt["max_accuracy"], ckpt.get("epoch_totals")
     print(f"Resumed from {path}: epoch {epoch} complete, best top-1 {ckpt['max_accuracy']:.2f}%")
-    return epoch + 1, 0, ckpt["max_accuracy"]
+    return epoch + 1, 0, ckpt["max_accuracy"], None
 
 
 def report(stats):
@@ -265,10 +266,10 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, mix
     model: unwrapped, on `device`. Returns the last evaluation's dict(acc1, acc5, loss, count) plus max_accuracy.
     """
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch, start_step, max_accuracy = 0, 0, 0.0
+    start_epoch, start_step, max_accuracy, totals = 0, 0, 0.0, None
     ckpt_path = find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume and not args.eval)
     if ckpt_path:
-        start_epoch, start_step, max_accuracy = resume(ckpt_path, args, model, optimizer, scaler)
+        start_epoch, start_step, max_accuracy, totals = resume(ckpt_path, args, model, optimizer, scaler)
     reduce = args.dist_eval and args.distributed
     if args.eval:
         stats = evaluate(model, val_loader, device, args.amp, reduce)
@@ -282,12 +283,14 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, mix
         os.makedirs(args.output_dir, exist_ok=True)
     log_writer = create_tb_writer(args.log_dir or args.output_dir)
 
-    def save(name, epoch, epoch_step):
+    def save(name, epoch, epoch_step, totals=None):
         if is_main_process():
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict(), "epoch": epoch, "epoch_step": epoch_step,
-                             "max_accuracy": max_accuracy, "rng": rng_state(), "args": vars(args)},
-                            os.path.join(args.output_dir, name))
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "epoch": epoch, "epoch_step": epoch_step, "max_accuracy": max_accuracy, "rng": rng_state(),
+                     "args": vars(args)}
+            if epoch_step < args.steps_per_epoch:  # mid-epoch: the resumed run's epoch means cover the whole epoch
+                state["epoch_totals"] = totals
+            save_checkpoint(state, os.path.join(args.output_dir, name))
         barrier()
 
     preemption = PreemptionHandler(check_every=args.print_freq)
@@ -296,11 +299,12 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, mix
     stats = {}
     for epoch in range(start_epoch, args.epochs):
         train_loader.sampler.set_epoch(epoch, start_iter=start_step * args.accum_iter, batch_size=args.batch_size)
-        train_stats, done = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler, device, epoch,
-                                            args, mixup_fn, log_writer, start_step, preemption.requested)
-        start_step = 0
+        train_stats, done, epoch_totals = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler,
+                                                          device, epoch, args, mixup_fn, log_writer, start_step,
+                                                          preemption.requested, totals)
+        start_step, totals = 0, None
         if done < args.steps_per_epoch:  # preempted mid-epoch: keep the position, evaluate after the requeue
-            save("checkpoint-last.pth", epoch, done)
+            save("checkpoint-last.pth", epoch, done, epoch_totals)
             print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; checkpoint-last.pth resumes here")
             break
         stats = evaluate(model, val_loader, device, args.amp, reduce)

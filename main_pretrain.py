@@ -135,7 +135,8 @@ def build_model(args):
 
 
 def resume(path, args, student, teacher, optimizer, scaler):
-    """Load a training checkpoint; returns (start_epoch, start_step) — a mid-epoch checkpoint resumes mid-epoch."""
+    """Load a training checkpoint; returns (start_epoch, start_step, epoch totals) — a mid-epoch checkpoint resumes
+    mid-epoch, with the logger totals of the epoch's first part (None otherwise)."""
     ckpt = load_checkpoint(path)
     saved = ckpt.get("args", {})
     saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
@@ -158,9 +159,9 @@ def resume(path, args, student, teacher, optimizer, scaler):
             raise SystemExit(f"{path} stopped mid-epoch with effective batch {saved_eff}; resuming it needs the "
                              f"same batch size x accum_iter x world size (now {eff})")
         print(f"Resumed from {path}: epoch {epoch}, step {done}/{args.steps_per_epoch}")
-        return epoch, done
+        return epoch, done, ckpt.get("epoch_totals")
     print(f"Resumed from {path}: epoch {epoch} complete")
-    return epoch + 1, 0
+    return epoch + 1, 0, None
 
 
 def main(args):
@@ -214,22 +215,24 @@ def main(args):
     optimizer = build_optimizer(student, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
 
-    start_epoch, start_step = 0, 0
+    start_epoch, start_step, totals = 0, 0, None
     ckpt_path = find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)
     if ckpt_path:
-        start_epoch, start_step = resume(ckpt_path, args, student, teacher, optimizer, scaler)
+        start_epoch, start_step, totals = resume(ckpt_path, args, student, teacher, optimizer, scaler)
 
     if is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
     log_writer = create_tb_writer(args.log_dir or args.output_dir)
 
-    def save(name, epoch, epoch_step):
+    def save(name, epoch, epoch_step, totals=None):
         if is_main_process():
             state = {
                 "model": student.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                 "epoch": epoch, "epoch_step": epoch_step, "global_step": epoch * args.steps_per_epoch + epoch_step,
                 "rng": rng_state(), "args": vars(args),
             }
+            if epoch_step < args.steps_per_epoch:  # mid-epoch: the resumed run's epoch means cover the whole epoch
+                state["epoch_totals"] = totals
             if is_lut:
                 state["model_ema"] = teacher.state_dict()
             save_checkpoint(state, os.path.join(args.output_dir, name))
@@ -248,10 +251,10 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch, start_iter=start_step * args.accum_iter, batch_size=args.batch_size)
         epoch_start = time.time()
-        stats, done = train_one_epoch(model, teacher, loader, optimizer, scaler, device, epoch, args,
-                                      start_step=start_step, log_writer=log_writer, should_stop=should_stop,
-                                      step_fn=step_fn)
-        save("checkpoint-last.pth", epoch, done)
+        stats, done, totals = train_one_epoch(model, teacher, loader, optimizer, scaler, device, epoch, args,
+                                              start_step=start_step, log_writer=log_writer, should_stop=should_stop,
+                                              step_fn=step_fn, totals=totals)
+        save("checkpoint-last.pth", epoch, done, totals)
         if done == args.steps_per_epoch:
             if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
                 save(f"checkpoint-{epoch}.pth", epoch, done)
@@ -264,7 +267,7 @@ def main(args):
             append_json_log(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch})
             remaining = (time.time() - epoch_start) * (args.epochs - epoch - 1)
             print(f"Epoch {epoch} done; about {datetime.timedelta(seconds=int(remaining))} left")
-        start_step = 0
+        start_step, totals = 0, None
         if should_stop(epoch * args.steps_per_epoch + done):
             print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; "
                   f"{os.path.join(args.output_dir, 'checkpoint-last.pth')} resumes here")

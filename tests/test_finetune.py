@@ -16,7 +16,7 @@ from PIL import Image
 import main_finetune
 import models_lut
 import models_vit
-from util.checkpoint import save_checkpoint
+from util.checkpoint import load_checkpoint, save_checkpoint
 from util.lars import LARS
 from util.lr_sched import adjust_learning_rate
 from util.pretrained import load_pretrained
@@ -341,6 +341,8 @@ def test_sigusr2_checkpoints_mid_epoch_and_the_resumed_run_trains_each_batch_onc
     assert proc.wait(timeout=300) == 0, output
     stopped = int(re.search(r"Stopped at epoch 0, step (\d+)/187", output).group(1))
     assert 10 <= stopped < 187 and "Accuracy on" not in output  # no evaluation of a partial epoch
+    # The first part's loss sums travel with the checkpoint, so epoch 0's log line covers the whole epoch.
+    assert load_checkpoint(out / "checkpoint-last.pth")["epoch_totals"]["count"] == {"loss": stopped}
     resumed = run((MICRO_FINETUNE, "finetune", "--model", "vit_micro", "--batch_size", "16", "--print_freq", "5"),
                   "--num_workers", "0", "--data_path", demo, "--finetune", pretrained, "--epochs", "2",
                   "--output_dir", out).stdout

@@ -104,6 +104,12 @@ def test_resume_is_bitwise_identical(demo, tmp_path, stop_at):
     assert "Resumed from" in second.stdout
     assert_same_training_state(tmp_path / "straight" / "checkpoint-last.pth",
                                tmp_path / "resumed" / "checkpoint-last.pth")
+    # One log line per epoch, and a mid-epoch stop does not change the epoch means.
+    straight, resumed = epoch_log(tmp_path / "straight"), epoch_log(tmp_path / "resumed")
+    assert [r["epoch"] for r in resumed] == [0, 1]
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        assert all(b[k] == pytest.approx(a[k], rel=1e-6) for k in a)
 
 
 @pytest.mark.slow

@@ -427,6 +427,20 @@ def test_metric_logger_counts_from_the_resume_iteration(capsys):
         ["Epoch [3] [ 8/10]", "Epoch [3] [10/10]"]
 
 
+def test_metric_logger_totals_carry_an_epoch_across_a_resume(capsys):
+    values = [3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0]
+    first = MetricLogger(print_freq=2, total_iters=7)
+    for i in first.log_every(range(3)):  # stopped after 3 of 7 iterations
+        first.update(loss=torch.tensor(values[i]))
+    saved = first.totals()
+    assert saved == {"sum": {"loss": 8.0}, "count": {"loss": 3}}
+    second = MetricLogger(print_freq=2, total_iters=7, totals=saved)
+    for i in second.log_every(range(3, 7), start_iter=3):
+        second.update(loss=torch.tensor(values[i]))
+    assert second.summary()["loss"] == pytest.approx(sum(values) / 7, rel=1e-12)
+    assert f"({sum(values) / 7:.4f})" in capsys.readouterr().out.splitlines()[-2]  # the whole epoch's mean
+
+
 def test_json_log_appends_one_line_per_record(tmp_path):
     append_json_log(str(tmp_path), {"epoch": 0, "train_loss": 0.5})
     append_json_log(str(tmp_path), {"epoch": 1, "train_loss": 0.25})

@@ -30,14 +30,17 @@ class MetricLogger:
             logger.update(loss=loss.detach(), mim=mim.detach())
             logger.set(lr=lr)
         stats = logger.summary()  # {'loss': epoch mean over ranks, ..., 'lr': last}
+
+    totals: what totals() returned for the first part of an epoch (saved in a mid-epoch checkpoint), so that after a
+    resume the epoch means cover the whole epoch, not only the part after the resume.
     """
 
-    def __init__(self, delimiter="  ", print_freq=20, header="", total_iters=None):
+    def __init__(self, delimiter="  ", print_freq=20, header="", total_iters=None, totals=None):
         self.delimiter, self.print_freq, self.header, self.total_iters = delimiter, print_freq, header, total_iters
         self._window = {}  # name -> sum of values since the last print (tensor or float)
         self._window_count = {}
-        self._total = {}  # name -> sum over printed windows of the rank-averaged window mean * count
-        self._total_count = {}
+        self._total = dict(totals["sum"]) if totals else {}  # name -> sum over flushed windows of mean * count
+        self._total_count = dict(totals["count"]) if totals else {}
         self._last_avg = {}
         self._values = {}
 
@@ -76,6 +79,11 @@ class MetricLogger:
         """
         self._flush()
         return {**{n: self._total[n] / self._total_count[n] for n in self._total}, **self._values}
+
+    def totals(self):
+        """The running sums and counts behind summary()'s means (plain numbers, for a checkpoint); a collective."""
+        self._flush()
+        return {"sum": dict(self._total), "count": dict(self._total_count)}
 
     def log_every(self, iterable, images_per_iter=None, start_iter=0):
         """Yield from `iterable`, printing progress. Iterations are numbered from `start_iter` (mid-epoch resume);
