@@ -24,6 +24,7 @@ from util.datasets import PretrainDataset, ResumableDistributedSampler, check_im
 from util.dist import barrier, destroy_distributed, init_distributed, is_main_process, local_device
 from util.knn import KNNEvaluator
 from util.logging import append_json_log, create_tb_writer
+from util.onednn import use_onednn_linears
 from util.preemption import PreemptionHandler
 from util.lr_sched import effective_lr
 
@@ -92,6 +93,8 @@ def get_args_parser():
                              "(faster loading; pixels differ slightly from a full decode, see docs/performance.md)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the training step (falls back to eager with a warning if it fails)")
+    parser.add_argument("--no_onednn", action="store_true",
+                        help="CPU: keep torch's nn.Linear matmuls instead of oneDNN's (same math; see util/onednn.py)")
     return parser
 
 
@@ -131,7 +134,8 @@ def build_model(args):
     if args.model.startswith("lut"):
         kwargs.update(depth_head=args.depth_head, depth_pred=args.depth_pred, head_mlp_dim=args.head_mlp_dim,
                       head_norm_layer=args.head_norm_layer, head_act_layer=args.head_act_layer)
-    return models_lut.MODELS[args.model](**kwargs)
+    model = models_lut.MODELS[args.model](**kwargs)
+    return model if args.no_onednn else use_onednn_linears(model)
 
 
 def resume(path, args, student, teacher, optimizer, scaler):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import engine_pretrain
@@ -20,6 +21,7 @@ from engine_pretrain import CompiledStep, apply_gradients, build_optimizer, pret
 from models_lut import LUT, MaskedAutoencoderViT
 from util.augment import BICUBIC, LUTTwoViews
 from util.datasets import PretrainDataset, load_image
+from util.onednn import AVAILABLE as ONEDNN_AVAILABLE, OneDNNLinear, use_onednn_linears
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -74,13 +76,15 @@ def grads(model):
 @pytest.mark.parametrize("lut", [True, False], ids=["lut", "mae"])
 def test_optimised_step_gives_the_losses_and_gradients_of_the_straightforward_step(lut):
     model, teacher = tiny_pair(lut)
-    reference = copy.deepcopy(model)
+    reference, reference_teacher = copy.deepcopy(model), copy.deepcopy(teacher)
+    for m in (model, teacher) if lut else (model,):
+        use_onednn_linears(m)  # as main_pretrain builds them; the reference keeps nn.Linear
     torch.manual_seed(1)
     x1, x2, noise = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32), torch.rand(6, 16)
 
     terms = pretrain_step(model, teacher, [x1, x2] if lut else [x1], noise, ARGS)
     terms["loss"].backward()
-    want = straightforward_terms(reference, teacher, x1, x2, noise)
+    want = straightforward_terms(reference, reference_teacher, x1, x2, noise)
     want["loss"].backward()
 
     assert terms.keys() == want.keys()
@@ -148,6 +152,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, capsys)
 @pytest.mark.slow
 def test_compiled_step_matches_eager_step():
     model, teacher = tiny_pair(lut=True)
+    use_onednn_linears(model), use_onednn_linears(teacher)  # eager: oneDNN; compiled: inductor's own matmuls
     reference = copy.deepcopy(model)
     x1, x2, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.rand(4, 16)
     step = CompiledStep()
@@ -161,6 +166,78 @@ def test_compiled_step_matches_eager_step():
     expected = grads(reference)
     for name, g in grads(model).items():
         torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------- oneDNN linear layers
+
+def onednn_flops(fn):
+    """fn()'s result and the FLOPs it ran through oneDNN's linear."""
+    with FlopCounterMode(display=False, custom_mapping=benchmark.FLOP_FORMULAS) as counter:
+        out = fn()
+    return out, counter.get_flop_counts()["Global"].get(torch.ops.mkldnn._linear_pointwise, 0)
+
+
+@pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this torch has no oneDNN")
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_gives_the_outputs_and_gradients_of_nn_linear(bias):
+    torch.manual_seed(0)
+    reference = nn.Linear(24, 40, bias=bias)
+    fast = use_onednn_linears(copy.deepcopy(reference))
+    assert type(fast) is OneDNNLinear and fast.state_dict().keys() == reference.state_dict().keys()
+    x, grad = torch.randn(3, 7, 24), torch.randn(3, 7, 40)
+    x_fast, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+
+    def forward_backward():
+        out = fast(x_fast)
+        out.backward(grad)
+        return out
+    out, flops = onednn_flops(forward_backward)
+    want = reference(x_ref)
+    want.backward(grad)
+    assert flops == 2 * (2 * 21 * 24 * 40)  # the forward and the input gradient; the weight gradient is torch.mm's
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fast.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5, msg=name)
+    with torch.no_grad():
+        out, flops = onednn_flops(lambda: fast(x))
+    assert flops > 0 and not out.requires_grad
+    torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this torch has no oneDNN")
+def test_onednn_linear_is_nn_linear_under_autocast_and_for_other_dtypes():
+    torch.manual_seed(0)
+    reference = nn.Linear(24, 40)
+    fast = use_onednn_linears(copy.deepcopy(reference))
+    x = torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, flops = onednn_flops(lambda: fast(x))
+        want = reference(x)
+    assert flops == 0 and out.dtype == torch.bfloat16 and torch.equal(out, want)
+    fast.double(), reference.double()
+    out, flops = onednn_flops(lambda: fast(x.double()))
+    assert flops == 0 and torch.equal(out, reference(x.double()))
+
+
+@pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this torch has no oneDNN")
+def test_step_flops_are_counted_the_same_with_onednn_linears():
+    model, teacher = tiny_pair(lut=True)
+    x1, x2, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    counts = []
+    for convert in (False, True):
+        m, t = copy.deepcopy(model), copy.deepcopy(teacher)
+        if convert:
+            use_onednn_linears(m), use_onednn_linears(t)
+        with FlopCounterMode(display=False, custom_mapping=benchmark.FLOP_FORMULAS) as counter:
+            pretrain_step(m, t, [x1, x2], noise, ARGS)["loss"].backward()
+        counts.append(counter.get_flop_counts()["Global"])
+    plain, onednn = counts
+    assert torch.ops.mkldnn._linear_pointwise not in plain
+    # Every forward matmul of the step (students, teacher and heads) and every input gradient moved to oneDNN.
+    assert onednn[torch.ops.mkldnn._linear_pointwise] == plain[torch.ops.aten.addmm] + plain[torch.ops.aten.mm] \
+        - onednn[torch.ops.aten.mm]
+    assert sum(plain.values()) == sum(onednn.values())
 
 
 # ---------------------------------------------------------------- input pipeline
@@ -222,7 +299,7 @@ def test_fused_attention_flops_equal_those_of_explicit_attention():
         for m in (model, teacher):
             for blk in [*m.blocks, *m.decoder_blocks]:
                 blk.attn.fused_attn = fused
-        mapping = benchmark.ATTENTION_FLOPS if fused else {}
+        mapping = benchmark.FLOP_FORMULAS if fused else {}
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             pretrain_step(model, teacher, [x1, x2], noise, ARGS)["loss"].backward()
         return counter.get_flop_counts()["Global"]
@@ -251,6 +328,9 @@ def test_benchmark_reports_step_mfu_ratio_and_pipeline(tmp_path):
         assert len(s["step_times_s"]) == 2 and s["step_time_s"] > 0 and s["peak_memory_mb"] > 0
         peak = max(report["peak_flops_per_s"]["float32"].values())
         assert s["mfu"] == pytest.approx(s["achieved_flops_per_s"] / peak)
+        if ONEDNN_AVAILABLE:
+            onednn_peak = max(report["peak_flops_per_s"]["float32_onednn"].values())
+            assert s["mfu_vs_onednn_peak"] == pytest.approx(s["achieved_flops_per_s"] / onednn_peak)
     (ratio,) = report["lut_vs_mae"]
     lut, mae = report["steps"]
     assert ratio["flop_ratio"] == lut["flops_per_step"] / mae["flops_per_step"] > 1

@@ -11,8 +11,10 @@ The step is engine_pretrain's own code: `pretrain_step` (forward under --amp aut
 allocator's peak; CPU: peak resident memory above that before the model was built). FLOPs are counted with
 torch.utils.flop_counter over one whole step (matmuls, convolutions and attention, forward and backward, the
 teacher's forward included). MFU = achieved FLOP/s / the measured dense-matmul peak of the step's precision, the best
-square matmul of --peak_sizes (float32 for --amp none, bfloat16 for bf16); the ratio to the best peak of any
-precision is reported as well.
+torch.mm of square matrices of --peak_sizes (float32 for --amp none, bfloat16 for bf16); the ratio to the best peak of
+any precision is reported as well. On CPU the float32 peak of oneDNN's matmul (util/onednn.py, which the step's
+linear layers use) is measured too, with the MFU against it ("oneDNN" column): torch.mm runs float32 on MKL, which
+is slower than oneDNN on some CPUs (AMD EPYC here).
 The input pipeline is timed per DataLoader worker (one process, one thread): `PretrainDataset` with LUT's two
 views (full and --fast_decode JPEG decoding) and with MAE's crop, on --data_path or on synthetic JPEGs of
 ImageNet-like sizes written to a temporary folder. Any other main_pretrain flag (--mask_ratio, --head_mlp_dim, ...)
@@ -21,6 +23,7 @@ configures the model and step as in training. Prints a table, and the JSON with 
 import argparse
 import copy
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -42,6 +45,7 @@ import models_lut  # noqa: E402
 from engine_pretrain import CompiledStep, apply_gradients, build_optimizer, masking_noise, pretrain_step  # noqa: E402
 from util.augment import LUTTwoViews, mae_transform  # noqa: E402
 from util.datasets import PretrainDataset, augmentation_seed, find_images  # noqa: E402
+from util.onednn import AVAILABLE as ONEDNN_AVAILABLE, onednn_linear  # noqa: E402
 
 # The matmul precision that bounds a step of each --amp setting.
 PEAK_DTYPE = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -101,9 +105,16 @@ def attention_backward_flops(grad_out, query, key, value, *args, **kwargs):
     return 2 * sdpa_flop_count(query, key, value)
 
 
+def onednn_linear_flops(input_shape, weight_shape, *args, **kwargs):
+    """util/onednn's linear, x [..., K] times weight [N, K] transposed: 2 M K N, as torch counts addmm (no bias)."""
+    return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
+
+
 aten = torch.ops.aten
-# torch's flop counter has no formula for the CPU kernel of fused attention, and counts recomputation in backward.
-ATTENTION_FLOPS = {
+# torch's flop counter has no formula for the CPU kernel of fused attention (and counts recomputation in backward),
+# nor for oneDNN's linear.
+FLOP_FORMULAS = {
+    **({torch.ops.mkldnn._linear_pointwise: onednn_linear_flops} if ONEDNN_AVAILABLE else {}),
     **{op: attention_flops for op in (aten._scaled_dot_product_flash_attention_for_cpu,
                                       aten._scaled_dot_product_flash_attention,
                                       aten._scaled_dot_product_efficient_attention,
@@ -133,22 +144,24 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(dtype, sizes, device, min_seconds=0.5):
-    """{n: best FLOP/s of an n x n by n x n matmul} in `dtype`: 3 trials of enough repeats to last min_seconds."""
+def matmul_peak(dtype, sizes, device, min_seconds=0.5, onednn=False):
+    """{n: best FLOP/s of an n x n by n x n matmul} in `dtype`: 3 trials of enough repeats to last min_seconds.
+    torch.mm, or with onednn=True oneDNN's matmul (a b^T; CPU)."""
     result = {}
     for n in sizes:
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         out = torch.empty(n, n, device=device, dtype=dtype)
+        matmul = (lambda: onednn_linear(a, b)) if onednn else (lambda: torch.mm(a, b, out=out))
         synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, b, out=out)  # warm-up, and an estimate of one matmul's time
+        matmul()  # warm-up, and an estimate of one matmul's time
         synchronize(device)
         reps = max(1, int(min_seconds / (time.perf_counter() - start)))
         best = float("inf")
         for _ in range(3):
             start = time.perf_counter()
             for _ in range(reps):
-                torch.mm(a, b, out=out)
+                matmul()
             synchronize(device)
             best = min(best, (time.perf_counter() - start) / reps)
         result[n] = 2 * n ** 3 / best
@@ -207,7 +220,7 @@ def measure_step(args, model_name, compiled, extra):
         scaler.scale(terms["loss"]).backward()
         apply_gradients(optimizer, scaler, student, teacher, train_args.model_ema_decay)
 
-    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step(pretrain_step)  # the math is the same compiled or not; the counter sees eager ops
     flops = counter.get_total_flops()
     start = time.perf_counter()
@@ -315,11 +328,12 @@ def counterpart(model_name):
 
 
 def add_mfu(step, peaks):
-    """peaks: {dtype name: best matmul FLOP/s}."""
-    peak = peaks.get(PEAK_DTYPE[step["amp"]])
-    step["mfu"] = step["achieved_flops_per_s"] / peak if peak else None
-    best = max(peaks.values(), default=None)
-    step["mfu_vs_best_peak"] = step["achieved_flops_per_s"] / best if best else None
+    """peaks: {dtype name (float32_onednn: oneDNN's float32 matmul): best matmul FLOP/s}."""
+    def ratio(peak):
+        return step["achieved_flops_per_s"] / peak if peak else None
+    step["mfu"] = ratio(peaks.get(PEAK_DTYPE[step["amp"]]))
+    step["mfu_vs_onednn_peak"] = ratio(peaks.get("float32_onednn")) if step["amp"] == "none" else None
+    step["mfu_vs_best_peak"] = ratio(max(peaks.values(), default=None))
 
 
 def lut_vs_mae(steps):
@@ -346,14 +360,14 @@ def format_report(report):
         lines.append(f"dense matmul peak {name}: {max(by_size.values()) / 1e9:.1f} GFLOP/s (n = {sizes})")
     if report["steps"]:
         header = (f"{'model':<24} {'amp':>4} {'compile':>7} {'batch':>5} {'step ms':>9} {'img/s':>8} "
-                  f"{'GFLOP/img':>9} {'GFLOP/s':>9} {'MFU':>6} {'vs best':>7} {'mem MB':>8}")
+                  f"{'GFLOP/img':>9} {'GFLOP/s':>9} {'MFU':>6} {'oneDNN':>6} {'vs best':>7} {'mem MB':>8}")
         lines += [header, "-" * len(header)]
         for s in report["steps"]:
-            mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "-"
-            best = f"{s['mfu_vs_best_peak']:.1%}" if s["mfu_vs_best_peak"] is not None else "-"
+            mfu, onednn, best = (f"{s[k]:.1%}" if s[k] is not None else "-"
+                                 for k in ("mfu", "mfu_vs_onednn_peak", "mfu_vs_best_peak"))
             lines.append(f"{s['model']:<24} {s['amp']:>4} {'yes' if s['compiled'] else 'no':>7} "
                          f"{s['batch_size']:>5} {s['step_time_s'] * 1e3:>9.1f} {s['images_per_s']:>8.1f} "
-                         f"{s['flops_per_image'] / 1e9:>9.2f} {s['achieved_flops_per_s'] / 1e9:>9.1f} {mfu:>6} "
+                         f"{s['flops_per_image'] / 1e9:>9.2f} {s['achieved_flops_per_s'] / 1e9:>9.1f} {mfu:>6} {onednn:>6} "
                          f"{best:>7} {s['peak_memory_mb'] or 0:>8.0f}")
     for r in report["lut_vs_mae"]:
         lines.append(f"LUT / MAE{' (compiled)' if r['compiled'] else ''}: step time x{r['step_time_ratio']:.3f}, "
@@ -384,6 +398,9 @@ def main(args, extra=()):
     dtypes = ["float32", "bfloat16"] + (["float16"] if args.amp == "fp16" else [])
     report["peak_flops_per_s"] = {d: matmul_peak(getattr(torch, d), args.peak_sizes, device)
                                   for d in dtypes} if args.peak_sizes else {}
+    if args.peak_sizes and device.type == "cpu" and ONEDNN_AVAILABLE:
+        report["peak_flops_per_s"]["float32_onednn"] = matmul_peak(torch.float32, args.peak_sizes, device,
+                                                                   onednn=True)
     for step in report["steps"]:
         add_mfu(step, {d: max(by_size.values()) for d, by_size in report["peak_flops_per_s"].items()})
     report["lut_vs_mae"] = lut_vs_mae(report["steps"])

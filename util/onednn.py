@@ -1,0 +1,63 @@
+"""nn.Linear with its CPU float32 matmuls done by oneDNN: the same math, faster where torch's BLAS is slower.
+
+On CPU, torch computes a float32 nn.Linear with MKL's sgemm. oneDNN, which torch also ships (its CPU fusions and
+bfloat16 matmuls use it), is faster on some CPUs: on the AMD EPYC (Zen 4) of docs/performance.md, square float32
+matmuls run at ~210-218 GFLOP/s through oneDNN and ~190 through torch.mm, and a ViT-S/16 LUT step is ~5 % faster.
+`OneDNNLinear` sends the forward matmul (bias added inside it) and the input gradient through oneDNN and keeps the
+weight gradient on torch.mm (its operands are transposed, which oneDNN would copy first). Results equal nn.Linear's
+up to float32 rounding. Anywhere else (CUDA, autocast, other dtypes, torch.compile, a torch build without oneDNN) it is
+nn.Linear.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_linear(x, weight, bias=None):
+    """x @ weight.T + bias through oneDNN; x: [..., K] float32 on CPU, weight: [N, K], bias: [N] or None."""
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_linear(grad, weight.t())
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_2d.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear (same parameters, state-dict keys and initialisation) whose CPU float32 matmuls run in oneDNN."""
+
+    def forward(self, x):
+        # torch.compile keeps nn.Linear: inductor lowers oneDNN's linear only for frozen (constant) weights.
+        if (AVAILABLE and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(module):
+    """Turn every plain nn.Linear inside `module` into a OneDNNLinear, in place (parameters untouched); returns it."""
+    for m in module.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = OneDNNLinear
+    return module
