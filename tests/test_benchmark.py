@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
+from timm.layers import Mlp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import engine_pretrain
@@ -21,7 +23,7 @@ from engine_pretrain import CompiledStep, apply_gradients, build_optimizer, pret
 from models_lut import LUT, MaskedAutoencoderViT
 from util.augment import BICUBIC, LUTTwoViews
 from util.datasets import PretrainDataset, load_image
-from util.onednn import AVAILABLE as ONEDNN_AVAILABLE, OneDNNLinear, use_onednn_linears
+from util.onednn import AVAILABLE as ONEDNN_AVAILABLE, OneDNNLinear, OneDNNMlp, use_onednn_linears
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -203,6 +205,34 @@ def test_onednn_linear_gives_the_outputs_and_gradients_of_nn_linear(bias):
         out, flops = onednn_flops(lambda: fast(x))
     assert flops > 0 and not out.requires_grad
     torch.testing.assert_close(out, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func._overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this torch has no oneDNN")
+def test_onednn_mlp_fuses_gelu_into_fc1_without_autograd_only():
+    torch.manual_seed(0)
+    reference = Mlp(24, 96)
+    fast = use_onednn_linears(copy.deepcopy(reference))
+    assert type(fast) is OneDNNMlp and type(fast.fc1) is type(fast.fc2) is OneDNNLinear
+    x = torch.randn(3, 7, 24)
+    with torch.no_grad(), OpNames() as ops:
+        out = fast(x)
+    assert "gelu" not in ops.names and ops.names.count("_linear_pointwise") == 2
+    torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
+    with OpNames() as ops:  # with autograd, GELU stays separate: its backward needs fc1's output
+        out = fast(x)
+    assert "gelu" in ops.names and out.requires_grad
 
 
 @pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this torch has no oneDNN")

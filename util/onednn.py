@@ -11,15 +11,24 @@ nn.Linear.
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import Mlp
 from torch.autograd.function import once_differentiable
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def onednn_linear(x, weight, bias=None):
-    """x @ weight.T + bias through oneDNN; x: [..., K] float32 on CPU, weight: [N, K], bias: [N] or None."""
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+def onednn_linear(x, weight, bias=None, gelu=False):
+    """x @ weight.T + bias through oneDNN, then (gelu=True) exact GELU inside the same call;
+    x: [..., K] float32 on CPU, weight: [N, K], bias: [N] or None."""
+    attr, algorithm = ("gelu", "none") if gelu else ("none", "")
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, attr, [], algorithm)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _use_onednn(x, weight):
+    # torch.compile keeps nn.Linear: inductor lowers oneDNN's linear only for frozen (constant) weights.
+    return (AVAILABLE and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
@@ -48,16 +57,29 @@ class OneDNNLinear(nn.Linear):
     """nn.Linear (same parameters, state-dict keys and initialisation) whose CPU float32 matmuls run in oneDNN."""
 
     def forward(self, x):
-        # torch.compile keeps nn.Linear: inductor lowers oneDNN's linear only for frozen (constant) weights.
-        if (AVAILABLE and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        if _use_onednn(x, self.weight):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
+class OneDNNMlp(Mlp):
+    """timm's Mlp; without autograd (the EMA teacher, feature extraction) fc1's exact GELU runs inside its matmul,
+    sparing a pass over the widest activation."""
+
+    def forward(self, x):
+        if (not torch.is_grad_enabled() and _use_onednn(x, self.fc1.weight) and type(self.act) is nn.GELU
+                and self.act.approximate == "none" and isinstance(self.norm, nn.Identity)):
+            x = onednn_linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
+            return self.drop2(self.fc2(self.drop1(x)))
+        return super().forward(x)
+
+
 def use_onednn_linears(module):
-    """Turn every plain nn.Linear inside `module` into a OneDNNLinear, in place (parameters untouched); returns it."""
+    """Turn every plain nn.Linear inside `module` into a OneDNNLinear and every timm Mlp into a OneDNNMlp, in place
+    (parameters untouched); returns `module`."""
     for m in module.modules():
         if type(m) is nn.Linear:
             m.__class__ = OneDNNLinear
+        elif type(m) is Mlp:
+            m.__class__ = OneDNNMlp
     return module
