@@ -15,13 +15,13 @@ from timm.layers import Mlp
 from torch.autograd.function import once_differentiable
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_LINEAR = torch.ops.mkldnn._linear_pointwise.default if AVAILABLE else None
 
 
 def onednn_linear(x, weight, bias=None, gelu=False):
     """x @ weight.T + bias through oneDNN, then (gelu=True) exact GELU inside the same call;
     x: [..., K] float32 on CPU, weight: [N, K], bias: [N] or None."""
-    attr, algorithm = ("gelu", "none") if gelu else ("none", "")
-    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, attr, [], algorithm)
+    out = _LINEAR(x.reshape(-1, x.shape[-1]), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -34,23 +34,20 @@ def _use_onednn(x, weight):
 class _OneDNNLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return onednn_linear(x, weight, bias)
+        x_2d = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x_2d, weight)
+        ctx.x_shape = x.shape
+        return _LINEAR(x_2d, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable  # oneDNN's op has no derivative: a double backward must fail, not go silently wrong
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = onednn_linear(grad, weight.t())
+        x_2d, weight = ctx.saved_tensors
         grad_2d = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_2d.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_2d.sum(0)
-        return grad_x, grad_weight, grad_bias
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        grad_x = _LINEAR(grad_2d, weight.t(), None, "none", [], "").view(ctx.x_shape) if need_x else None
+        grad_weight = grad_2d.t().mm(x_2d) if need_weight else None
+        return grad_x, grad_weight, grad_2d.sum(0) if need_bias else None
 
 
 class OneDNNLinear(nn.Linear):
