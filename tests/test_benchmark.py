@@ -154,7 +154,7 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, capsys)
 @pytest.mark.slow
 def test_compiled_step_matches_eager_step():
     model, teacher = tiny_pair(lut=True)
-    use_onednn_linears(model), use_onednn_linears(teacher)  # eager: oneDNN; compiled: inductor's own matmuls
+    use_onednn_linears(model), use_onednn_linears(teacher)  # as main_pretrain builds them
     reference = copy.deepcopy(model)
     x1, x2, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.rand(4, 16)
     step = CompiledStep()
@@ -176,7 +176,7 @@ def onednn_flops(fn):
     """fn()'s result and the FLOPs it ran through oneDNN's linear."""
     with FlopCounterMode(display=False, custom_mapping=benchmark.FLOP_FORMULAS) as counter:
         out = fn()
-    return out, counter.get_flop_counts()["Global"].get(torch.ops.mkldnn._linear_pointwise, 0)
+    return out, counter.get_flop_counts()["Global"].get(torch.ops.lut.onednn_linear, 0)
 
 
 @pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="this torch has no oneDNN")
@@ -228,7 +228,7 @@ def test_onednn_mlp_fuses_gelu_into_fc1_without_autograd_only():
     x = torch.randn(3, 7, 24)
     with torch.no_grad(), OpNames() as ops:
         out = fast(x)
-    assert "gelu" not in ops.names and ops.names.count("_linear_pointwise") == 2
+    assert "gelu" not in ops.names and ops.names.count("onednn_linear") == 2
     torch.testing.assert_close(out, reference(x), rtol=1e-5, atol=1e-6)
     with OpNames() as ops:  # with autograd, GELU stays separate: its backward needs fc1's output
         out = fast(x)
@@ -263,9 +263,9 @@ def test_step_flops_are_counted_the_same_with_onednn_linears():
             pretrain_step(m, t, [x1, x2], noise, ARGS)["loss"].backward()
         counts.append(counter.get_flop_counts()["Global"])
     plain, onednn = counts
-    assert torch.ops.mkldnn._linear_pointwise not in plain
+    assert torch.ops.lut.onednn_linear not in plain
     # Every forward matmul of the step (students, teacher and heads) and every input gradient moved to oneDNN.
-    assert onednn[torch.ops.mkldnn._linear_pointwise] == plain[torch.ops.aten.addmm] + plain[torch.ops.aten.mm] \
+    assert onednn[torch.ops.lut.onednn_linear] == plain[torch.ops.aten.addmm] + plain[torch.ops.aten.mm] \
         - onednn[torch.ops.aten.mm]
     assert sum(plain.values()) == sum(onednn.values())
 

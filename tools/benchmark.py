@@ -23,7 +23,6 @@ configures the model and step as in training. Prints a table, and the JSON with 
 import argparse
 import copy
 import json
-import math
 import multiprocessing
 import os
 import platform
@@ -106,15 +105,15 @@ def attention_backward_flops(grad_out, query, key, value, *args, **kwargs):
 
 
 def onednn_linear_flops(input_shape, weight_shape, *args, **kwargs):
-    """util/onednn's linear, x [..., K] times weight [N, K] transposed: 2 M K N, as torch counts addmm (no bias)."""
-    return 2 * math.prod(input_shape[:-1]) * input_shape[-1] * weight_shape[0]
+    """util/onednn's linear, x [M, K] times weight [N, K] transposed: 2 M K N, as torch counts addmm (no bias)."""
+    return 2 * input_shape[0] * input_shape[1] * weight_shape[0]
 
 
 aten = torch.ops.aten
 # torch's flop counter has no formula for the CPU kernel of fused attention (and counts recomputation in backward),
 # nor for oneDNN's linear.
 FLOP_FORMULAS = {
-    **({torch.ops.mkldnn._linear_pointwise: onednn_linear_flops} if ONEDNN_AVAILABLE else {}),
+    torch.ops.lut.onednn_linear: onednn_linear_flops,
     **{op: attention_flops for op in (aten._scaled_dot_product_flash_attention_for_cpu,
                                       aten._scaled_dot_product_flash_attention,
                                       aten._scaled_dot_product_efficient_attention,

@@ -5,49 +5,58 @@ bfloat16 matmuls use it), is faster on some CPUs: on the AMD EPYC (Zen 4) of doc
 matmuls run at ~210-218 GFLOP/s through oneDNN and ~190 through torch.mm, and a ViT-S/16 LUT step is ~5 % faster.
 `OneDNNLinear` sends the forward matmul (bias added inside it) and the input gradient through oneDNN and keeps the
 weight gradient on torch.mm (its operands are transposed, which oneDNN would copy first). Results equal nn.Linear's
-up to float32 rounding. Anywhere else (CUDA, autocast, other dtypes, torch.compile, a torch build without oneDNN) it is
-nn.Linear.
+up to float32 rounding, eager or under torch.compile. Anywhere else (CUDA, autocast, other dtypes, a torch build
+without oneDNN) it is nn.Linear.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp
-from torch.autograd.function import once_differentiable
 
 AVAILABLE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _LINEAR = torch.ops.mkldnn._linear_pointwise.default if AVAILABLE else None
 
 
+# A custom op, so that torch.compile calls it as it is (inductor lowers oneDNN's own op only for constant weights).
+@torch.library.custom_op("lut::onednn_linear", mutates_args=())
+def _linear_2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], gelu: bool) -> torch.Tensor:
+    return _LINEAR(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
+@_linear_2d.register_fake
+def _(x, weight, bias, gelu):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, ctx.gelu = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _backward(ctx, grad):
+    if ctx.gelu:
+        raise RuntimeError("onednn_linear(gelu=True) has no backward; use it without autograd")
+    x, weight = ctx.saved_tensors
+    need_x, need_weight, need_bias, _ = ctx.needs_input_grad
+    grad_x = _linear_2d(grad, weight.t(), None, False) if need_x else None
+    grad_weight = grad.t().mm(x) if need_weight else None
+    return grad_x, grad_weight, grad.sum(0) if need_bias else None, None
+
+
+_linear_2d.register_autograd(_backward, setup_context=_setup_context)
+
+
 def onednn_linear(x, weight, bias=None, gelu=False):
-    """x @ weight.T + bias through oneDNN, then (gelu=True) exact GELU inside the same call;
+    """x @ weight.T + bias through oneDNN, then (gelu=True, no autograd) exact GELU inside the same call;
     x: [..., K] float32 on CPU, weight: [N, K], bias: [N] or None."""
-    out = _LINEAR(x.reshape(-1, x.shape[-1]), weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-    return out.view(*x.shape[:-1], weight.shape[0])
+    return _linear_2d(x.reshape(-1, x.shape[-1]), weight, bias, gelu).view(*x.shape[:-1], weight.shape[0])
 
 
 def _use_onednn(x, weight):
-    # torch.compile keeps nn.Linear: inductor lowers oneDNN's linear only for frozen (constant) weights.
     return (AVAILABLE and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
-
-
-class _OneDNNLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        x_2d = x.reshape(-1, x.shape[-1])
-        ctx.save_for_backward(x_2d, weight)
-        ctx.x_shape = x.shape
-        return _LINEAR(x_2d, weight, bias, "none", [], "").view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    @once_differentiable  # oneDNN's op has no derivative: a double backward must fail, not go silently wrong
-    def backward(ctx, grad):
-        x_2d, weight = ctx.saved_tensors
-        grad_2d = grad.reshape(-1, grad.shape[-1])
-        need_x, need_weight, need_bias = ctx.needs_input_grad
-        grad_x = _LINEAR(grad_2d, weight.t(), None, "none", [], "").view(ctx.x_shape) if need_x else None
-        grad_weight = grad_2d.t().mm(x_2d) if need_weight else None
-        return grad_x, grad_weight, grad_2d.sum(0) if need_bias else None
+            and not torch.is_autocast_enabled("cpu"))
 
 
 class OneDNNLinear(nn.Linear):
@@ -55,7 +64,7 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x):
         if _use_onednn(x, self.weight):
-            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
+            return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
