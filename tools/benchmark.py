@@ -366,8 +366,8 @@ def format_report(report):
                                  for k in ("mfu", "mfu_vs_onednn_peak", "mfu_vs_best_peak"))
             lines.append(f"{s['model']:<24} {s['amp']:>4} {'yes' if s['compiled'] else 'no':>7} "
                          f"{s['batch_size']:>5} {s['step_time_s'] * 1e3:>9.1f} {s['images_per_s']:>8.1f} "
-                         f"{s['flops_per_image'] / 1e9:>9.2f} {s['achieved_flops_per_s'] / 1e9:>9.1f} {mfu:>6} {onednn:>6} "
-                         f"{best:>7} {s['peak_memory_mb'] or 0:>8.0f}")
+                         f"{s['flops_per_image'] / 1e9:>9.2f} {s['achieved_flops_per_s'] / 1e9:>9.1f} {mfu:>6} "
+                         f"{onednn:>6} {best:>7} {s['peak_memory_mb'] or 0:>8.0f}")
     for r in report["lut_vs_mae"]:
         lines.append(f"LUT / MAE{' (compiled)' if r['compiled'] else ''}: step time x{r['step_time_ratio']:.3f}, "
                      f"FLOPs x{r['flop_ratio']:.3f} ({r['relative_difference']:+.1%})")
