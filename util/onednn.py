@@ -2,7 +2,8 @@
 
 On CPU, torch computes a float32 nn.Linear with MKL's sgemm. oneDNN, which torch also ships (its CPU fusions and
 bfloat16 matmuls use it), is faster on some CPUs: on the AMD EPYC (Zen 4) of docs/performance.md, square float32
-matmuls run at ~210-218 GFLOP/s through oneDNN and ~190 through torch.mm, and a ViT-S/16 LUT step is ~5 % faster.
+matmuls run at 210-220 GFLOP/s through oneDNN and 190-200 through torch.mm, and a ViT-S/16 LUT step is 3-5 %
+faster.
 `OneDNNLinear` sends the forward matmul (bias added inside it) and the input gradient through oneDNN and keeps the
 weight gradient on torch.mm (its operands are transposed, which oneDNN would copy first). Results equal nn.Linear's
 up to float32 rounding, eager or under torch.compile. Anywhere else (CUDA, autocast, other dtypes, a torch build
