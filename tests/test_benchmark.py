@@ -270,6 +270,30 @@ def test_step_flops_are_counted_the_same_with_onednn_linears():
     assert sum(plain.values()) == sum(onednn.values())
 
 
+def thp_mode():
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+@pytest.mark.skipif(thp_mode() != "madvise", reason="needs transparent huge pages in madvise mode")
+def test_main_pretrain_puts_large_cpu_tensors_on_transparent_huge_pages():
+    code = ("import main_pretrain, torch; x = torch.ones(64 * 1024 * 1024); "
+            "print(sum(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))")
+
+    def huge_page_kb(env):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert huge_page_kb(env) > 0  # the 256 MB tensor (torch reads the variable main_pretrain sets)
+    assert huge_page_kb({**env, "THP_MEM_ALLOC_ENABLE": "0"}) == 0  # and the user can turn it off
+
+
 # ---------------------------------------------------------------- input pipeline
 
 def photo(width, height, path):

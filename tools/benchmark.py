@@ -31,10 +31,13 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+# As main_pretrain.py: transparent huge pages for torch's large CPU tensors, here and in the step's processes.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
 # Run as a script from anywhere: the project root holds models_lut, engine_pretrain and util.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
