@@ -168,9 +168,14 @@ def test_bad_data_path_fails_early_with_clear_message(tmp_path, setup, message):
     assert "Traceback" not in proc.stderr and "trainable parameters" not in proc.stdout
 
 
-def test_lut_mask_ratio_below_half_is_refused(demo, tmp_path):
-    proc = run("--data_path", demo / "small", "--output_dir", tmp_path, "--mask_ratio", "0.4", check=False)
-    assert proc.returncode != 0 and "--mask_ratio >= 0.5" in proc.stderr
+@pytest.mark.parametrize("flags, message", [
+    (("--mask_ratio", "0.4"), "--mask_ratio >= 0.5"),
+    (("--batch_size", "1"), "--batch_size must be at least 2"),  # BatchNorm heads would fail in the first step
+])
+def test_incompatible_lut_arguments_are_refused_before_training(demo, tmp_path, flags, message):
+    proc = run("--data_path", demo / "small", "--output_dir", tmp_path, *flags, check=False)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
 
 
 def test_resuming_another_architecture_is_refused(demo, tmp_path):

@@ -251,8 +251,12 @@ def measure_step(args, model_name, compiled, extra):
 
 
 def measure_step_in_fresh_process(args, model_name, compiled, extra):
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
         return pool.apply(measure_step, (args, model_name, compiled, extra))
+    finally:  # let the worker exit on its own: terminating it would leak torch.compile's worker pool
+        pool.close()
+        pool.join()
 
 
 # ---------------------------------------------------------------- input pipeline
