@@ -9,6 +9,7 @@ import hashlib
 
 import torch
 from timm.optim import param_groups_weight_decay
+from torch._functorch import config as functorch_config
 
 from models_lut import bc_loss, lut_loss
 from util.dist import autocast
@@ -99,8 +100,9 @@ class CompiledStep:
     """`pretrain_step` through torch.compile; if compilation fails, a printed warning and eager mode from then on.
 
     Compilation happens at the first call (and on recompiles), so that is where a failure (no C++ compiler for
-    inductor on CPU, an unsupported op) shows. pretrain_step compiles to a single graph, traced with fake tensors
-    before anything runs, so the failed call has not touched the model and is simply repeated eagerly.
+    inductor on CPU, an unsupported op) shows: the backward graph is compiled there too, not lazily at the first
+    backward as torch does by default. pretrain_step compiles to a single graph, traced with fake tensors before
+    anything runs, so the failed call has not touched the model and is simply repeated eagerly.
     """
 
     def __init__(self):
@@ -109,10 +111,12 @@ class CompiledStep:
     def __call__(self, *args):
         if self.compiled is not None:
             try:
-                return self.compiled(*args)
+                with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                    return self.compiled(*args)
             except torch._dynamo.exc.TorchDynamoException as e:
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                print(f"WARNING: torch.compile failed ({type(e).__name__}: {reason}); continuing in eager mode",
+                cause = getattr(e, "inner_exception", None) or e  # the backend's own error, when it raised one
+                reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                print(f"WARNING: torch.compile failed ({type(cause).__name__}: {reason}); continuing in eager mode",
                       flush=True)
                 self.compiled = None
         return pretrain_step(*args)

@@ -152,6 +152,36 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch, capsys)
 
 
 @pytest.mark.slow
+def test_backward_compile_failure_also_falls_back_to_eager(monkeypatch, capsys):
+    """torch compiles the backward graph lazily, at the first backward, outside CompiledStep's fallback; CompiledStep
+    compiles it in its own call, so a failure there also ends in eager mode (and the backward works)."""
+    import torch._inductor.compile_fx as compile_fx
+    compile_inner = compile_fx._compile_fx_inner
+
+    def failing_backward(*args, **kwargs):
+        if kwargs.get("is_backward"):
+            raise RuntimeError("injected backward compile failure")
+        return compile_inner(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "_compile_fx_inner", failing_backward)
+    model, teacher = tiny_pair(lut=True)
+    reference = copy.deepcopy(model)
+    x1, x2, noise = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    step = CompiledStep()
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):  # compile, do not load a cached graph
+        terms = step(model, teacher, [x1, x2], noise, ARGS)
+    terms["loss"].backward()
+    out = capsys.readouterr().out
+    assert step.compiled is None and "torch.compile failed (RuntimeError: injected backward compile failure)" in out
+    want = pretrain_step(reference, teacher, [x1, x2], noise, ARGS)
+    want["loss"].backward()
+    expected = grads(reference)
+    for name, g in grads(model).items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
 def test_compiled_step_matches_eager_step():
     model, teacher = tiny_pair(lut=True)
     use_onednn_linears(model), use_onednn_linears(teacher)  # as main_pretrain builds them
@@ -390,3 +420,20 @@ def test_benchmark_reports_step_mfu_ratio_and_pipeline(tmp_path):
     assert ratio["flop_ratio"] == lut["flops_per_step"] / mae["flops_per_step"] > 1
     assert report["pipeline"]["images"] == 3 and report["pipeline"]["lut_two_views"] > 0
     assert "MFU" in proc.stdout and "LUT / MAE" in proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_reports_a_failed_measurement_and_still_runs_the_others(tmp_path):
+    out = tmp_path / "bench.json"
+    # One image per step: LUT's BatchNorm heads fail in the step's process, MAE (no BatchNorm) runs.
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--model", "lut_vit_tiny_patch16",
+           "--input_size", "32", "--patch_size", "8", "--batch_size", "1", "--threads", "1", "--warmup", "1",
+           "--repeats", "1", "--peak_sizes", "64", "--num_images", "0", "--head_mlp_dim", "32",
+           "--output_json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and "1 of 2 step measurements failed" in proc.stderr
+    lut, mae = json.loads(out.read_text())["steps"]
+    assert lut["model"] == "lut_vit_tiny_patch16" and "Expected more than 1 value per channel" in lut["error"]
+    assert mae["model"] == "mae_vit_tiny_patch16" and "error" not in mae and mae["mfu"] > 0
+    assert proc.stdout.count("lut_vit_tiny_patch16     none      no     1 FAILED: ValueError") == 2  # progress, table

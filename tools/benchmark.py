@@ -18,7 +18,9 @@ is slower than oneDNN on some CPUs (AMD EPYC here).
 The input pipeline is timed per DataLoader worker (one process, one thread): `PretrainDataset` with LUT's two
 views (full and --fast_decode JPEG decoding) and with MAE's crop, on --data_path or on synthetic JPEGs of
 ImageNet-like sizes written to a temporary folder. Any other main_pretrain flag (--mask_ratio, --head_mlp_dim, ...)
-configures the model and step as in training. Prints a table, and the JSON with --output_json.
+configures the model and step as in training. Prints each step measurement as it finishes, then the table; with
+--output_json the JSON, written after each step measurement too. A step measurement that fails (an error, or its
+process dies) is reported as failed, the others still run, and the exit status is 1.
 """
 import argparse
 import copy
@@ -30,6 +32,8 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
 
 # As main_pretrain.py: transparent huge pages for torch's large CPU tensors, here and in the step's processes.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
@@ -154,9 +158,10 @@ def matmul_peak(dtype, sizes, device, min_seconds=0.5, onednn=False):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         out = torch.empty(n, n, device=device, dtype=dtype)
         matmul = (lambda: onednn_linear(a, b)) if onednn else (lambda: torch.mm(a, b, out=out))
+        matmul()  # warm-up (library initialisation on the first size)
         synchronize(device)
         start = time.perf_counter()
-        matmul()  # warm-up, and an estimate of one matmul's time
+        matmul()  # an estimate of one matmul's time
         synchronize(device)
         reps = max(1, int(min_seconds / (time.perf_counter() - start)))
         best = float("inf")
@@ -168,6 +173,8 @@ def matmul_peak(dtype, sizes, device, min_seconds=0.5, onednn=False):
             best = min(best, (time.perf_counter() - start) / reps)
         result[n] = 2 * n ** 3 / best
         del a, b, out
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the step processes get the whole GPU
     return result
 
 
@@ -251,12 +258,17 @@ def measure_step(args, model_name, compiled, extra):
 
 
 def measure_step_in_fresh_process(args, model_name, compiled, extra):
-    pool = multiprocessing.get_context("spawn").Pool(1)
-    try:
-        return pool.apply(measure_step, (args, model_name, compiled, extra))
-    finally:  # let the worker exit on its own: terminating it would leak torch.compile's worker pool
-        pool.close()
-        pool.join()
+    """measure_step in a new process. If it fails (an exception, or the process dies: out of memory, a signal),
+    an entry with the error, so that the other measurements still run and are reported."""
+    # The process exits on its own when the executor shuts down (terminating it would leak torch.compile's
+    # worker pool); if it dies, result() raises BrokenProcessPool instead of waiting forever.
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(measure_step, args, model_name, compiled, extra).result()
+        except Exception as e:
+            traceback.print_exception(e)
+            return dict(model=model_name, compiled=compiled, amp=args.amp, batch_size=args.batch_size,
+                        error=f"{type(e).__name__}: {e}".strip())
 
 
 # ---------------------------------------------------------------- input pipeline
@@ -346,7 +358,7 @@ def lut_vs_mae(steps):
     """Step-time and FLOP ratios of LUT over MAE, for each compile setting where both were timed."""
     ratios = []
     for compiled in (False, True):
-        by_kind = {s["model"].split("_", 1)[0]: s for s in steps if s["compiled"] == compiled}
+        by_kind = {s["model"].split("_", 1)[0]: s for s in steps if s["compiled"] == compiled and "error" not in s}
         if {"lut", "mae"} <= by_kind.keys():
             lut, mae = by_kind["lut"], by_kind["mae"]
             time_ratio = lut["step_time_s"] / mae["step_time_s"]
@@ -354,6 +366,20 @@ def lut_vs_mae(steps):
             ratios.append(dict(compiled=compiled, step_time_ratio=time_ratio, flop_ratio=flop_ratio,
                                relative_difference=time_ratio / flop_ratio - 1))
     return ratios
+
+
+STEP_HEADER = (f"{'model':<24} {'amp':>4} {'compile':>7} {'batch':>5} {'step ms':>9} {'img/s':>8} {'GFLOP/img':>9} "
+               f"{'GFLOP/s':>9} {'MFU':>6} {'oneDNN':>6} {'vs best':>7} {'mem MB':>8}")
+
+
+def step_row(s):
+    row = f"{s['model']:<24} {s['amp']:>4} {'yes' if s['compiled'] else 'no':>7} {s['batch_size']:>5}"
+    if "error" in s:
+        return f"{row} FAILED: {s['error']}"
+    mfu, onednn, best = (f"{s[k]:.1%}" if s.get(k) is not None else "-"
+                         for k in ("mfu", "mfu_vs_onednn_peak", "mfu_vs_best_peak"))
+    return (f"{row} {s['step_time_s'] * 1e3:>9.1f} {s['images_per_s']:>8.1f} {s['flops_per_image'] / 1e9:>9.2f} "
+            f"{s['achieved_flops_per_s'] / 1e9:>9.1f} {mfu:>6} {onednn:>6} {best:>7} {s['peak_memory_mb'] or 0:>8.0f}")
 
 
 def format_report(report):
@@ -365,16 +391,8 @@ def format_report(report):
         sizes = ", ".join(f"{n}: {v / 1e9:.1f}" for n, v in by_size.items())
         lines.append(f"dense matmul peak {name}: {max(by_size.values()) / 1e9:.1f} GFLOP/s (n = {sizes})")
     if report["steps"]:
-        header = (f"{'model':<24} {'amp':>4} {'compile':>7} {'batch':>5} {'step ms':>9} {'img/s':>8} "
-                  f"{'GFLOP/img':>9} {'GFLOP/s':>9} {'MFU':>6} {'oneDNN':>6} {'vs best':>7} {'mem MB':>8}")
-        lines += [header, "-" * len(header)]
-        for s in report["steps"]:
-            mfu, onednn, best = (f"{s[k]:.1%}" if s[k] is not None else "-"
-                                 for k in ("mfu", "mfu_vs_onednn_peak", "mfu_vs_best_peak"))
-            lines.append(f"{s['model']:<24} {s['amp']:>4} {'yes' if s['compiled'] else 'no':>7} "
-                         f"{s['batch_size']:>5} {s['step_time_s'] * 1e3:>9.1f} {s['images_per_s']:>8.1f} "
-                         f"{s['flops_per_image'] / 1e9:>9.2f} {s['achieved_flops_per_s'] / 1e9:>9.1f} {mfu:>6} "
-                         f"{onednn:>6} {best:>7} {s['peak_memory_mb'] or 0:>8.0f}")
+        lines += [STEP_HEADER, "-" * len(STEP_HEADER)]
+        lines += [step_row(s) for s in report["steps"]]
     for r in report["lut_vs_mae"]:
         lines.append(f"LUT / MAE{' (compiled)' if r['compiled'] else ''}: step time x{r['step_time_ratio']:.3f}, "
                      f"FLOPs x{r['flop_ratio']:.3f} ({r['relative_difference']:+.1%})")
@@ -396,29 +414,44 @@ def main(args, extra=()):
     report = dict(machine=machine_info(device), config={**vars(args), "extra": list(extra)},
                   load_average_start=os.getloadavg()[0], steps=[], lut_vs_mae=[])
 
-    if not args.skip_step:
-        models = [args.model] + ([counterpart(args.model)] if args.compare and counterpart(args.model) else [])
-        for compiled in [False, True] if args.compile else [False]:
-            for name in models:
-                report["steps"].append(measure_step_in_fresh_process(args, name, compiled, extra))
     dtypes = ["float32", "bfloat16"] + (["float16"] if args.amp == "fp16" else [])
     report["peak_flops_per_s"] = {d: matmul_peak(getattr(torch, d), args.peak_sizes, device)
                                   for d in dtypes} if args.peak_sizes else {}
     if args.peak_sizes and device.type == "cpu" and ONEDNN_AVAILABLE:
         report["peak_flops_per_s"]["float32_onednn"] = matmul_peak(torch.float32, args.peak_sizes, device,
                                                                    onednn=True)
-    for step in report["steps"]:
-        add_mfu(step, {d: max(by_size.values()) for d, by_size in report["peak_flops_per_s"].items()})
+    peaks = {d: max(by_size.values()) for d, by_size in report["peak_flops_per_s"].items()}
+
+    if not args.skip_step:
+        models = [args.model] + ([counterpart(args.model)] if args.compare and counterpart(args.model) else [])
+        runs = [(name, compiled) for compiled in ([False, True] if args.compile else [False]) for name in models]
+        print(f"{'':14}{STEP_HEADER}", flush=True)
+        for i, (name, compiled) in enumerate(runs):
+            start = time.perf_counter()
+            step = measure_step_in_fresh_process(args, name, compiled, extra)
+            if "error" not in step:
+                add_mfu(step, peaks)
+            report["steps"].append(step)
+            # Progress, and the results so far on disk: a run killed later keeps what it measured.
+            print(f"[{i + 1}/{len(runs)} {time.perf_counter() - start:>5.0f} s] {step_row(step)}", flush=True)
+            save_report(report, args.output_json)
     report["lut_vs_mae"] = lut_vs_mae(report["steps"])
     if args.num_images > 0:
         report["pipeline"] = measure_pipeline(args)
     report["load_average_end"] = os.getloadavg()[0]
 
     print(format_report(report))
-    if args.output_json:
-        with open(args.output_json, "w") as f:
-            json.dump(report, f, indent=1)
+    save_report(report, args.output_json)
+    failed = [s for s in report["steps"] if "error" in s]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(report['steps'])} step measurements failed (see above)")
     return report
+
+
+def save_report(report, path):
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":
