@@ -96,6 +96,11 @@ def apply_gradients(optimizer, scaler, student, teacher, momentum):
         update_teacher(teacher, student, momentum)
 
 
+# torch.compile lowers the backward graph at the first backward, by default; this makes it part of the compiled call.
+_COMPILE_BACKWARD_NOW = (dict(force_non_lazy_backward_lowering=True)
+                         if hasattr(functorch_config, "force_non_lazy_backward_lowering") else {})
+
+
 class CompiledStep:
     """`pretrain_step` through torch.compile; if compilation fails, a printed warning and eager mode from then on.
 
@@ -111,7 +116,7 @@ class CompiledStep:
     def __call__(self, *args):
         if self.compiled is not None:
             try:
-                with functorch_config.patch(force_non_lazy_backward_lowering=True):
+                with functorch_config.patch(**_COMPILE_BACKWARD_NOW):
                     return self.compiled(*args)
             except torch._dynamo.exc.TorchDynamoException as e:
                 cause = getattr(e, "inner_exception", None) or e  # the backend's own error, when it raised one
