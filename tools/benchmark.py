@@ -158,7 +158,8 @@ def matmul_peak(dtype, sizes, device, min_seconds=0.5, onednn=False):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
         out = torch.empty(n, n, device=device, dtype=dtype)
         matmul = (lambda: onednn_linear(a, b)) if onednn else (lambda: torch.mm(a, b, out=out))
-        matmul()  # warm-up (library initialisation on the first size)
+        if device.type == "cuda":
+            matmul()  # cuBLAS initialisation (first size), kernel selection
         synchronize(device)
         start = time.perf_counter()
         matmul()  # an estimate of one matmul's time
