@@ -118,9 +118,9 @@ def check_args(args):
                          f"got {args.mask_ratio}")
     if args.batch_size < 1 or args.accum_iter < 1 or args.epochs < 1:
         raise SystemExit("--batch_size, --accum_iter and --epochs must be positive")
-    if is_lut and args.head_norm_layer == "BN" and args.batch_size < 2:
-        raise SystemExit("LUT's BatchNorm heads normalise over each GPU's batch: --batch_size must be at least 2 "
-                         "(or use --head_norm_layer LN)")
+    if is_lut and args.head_norm_layer == "BN" and args.batch_size * args.world_size < 2:
+        raise SystemExit("LUT's BatchNorm heads normalise each view over the images of all ranks: --batch_size must "
+                         "be at least 2 on a single process (or use --head_norm_layer LN)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but CUDA is not available (use --device cpu)")
     if args.amp is None:

@@ -178,6 +178,16 @@ def test_incompatible_lut_arguments_are_refused_before_training(demo, tmp_path, 
     assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
 
 
+def test_one_image_per_rank_is_allowed_when_batchnorm_statistics_span_ranks(demo):
+    import main_pretrain
+    args = main_pretrain.get_args_parser().parse_args(["--data_path", str(demo / "small"), "--batch_size", "1"])
+    args.world_size = 2  # as init_distributed sets it: the heads' BatchNorm is synchronised, 2 images per view
+    assert len(main_pretrain.check_args(args)) == 256
+    args.world_size = 1
+    with pytest.raises(SystemExit, match="--batch_size must be at least 2"):
+        main_pretrain.check_args(args)
+
+
 def test_resuming_another_architecture_is_refused(demo, tmp_path):
     run("--data_path", demo / "small", "--output_dir", tmp_path, "--epochs", "1", "--stop_at_step", "1",
         model="mae_vit_micro")
