@@ -397,15 +397,20 @@ def test_fused_attention_flops_equal_those_of_explicit_attention():
     assert sum(fused.values()) == sum(explicit.values())
 
 
+def run_benchmark(out, *flags):
+    """tools/benchmark.py on tiny LUT and MAE models, one thread, its JSON to `out`."""
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--model", "lut_vit_tiny_patch16",
+           "--input_size", "32", "--patch_size", "8", "--threads", "1", "--warmup", "1", "--head_mlp_dim", "32",
+           "--output_json", str(out), *flags]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 @pytest.mark.slow
 def test_benchmark_reports_step_mfu_ratio_and_pipeline(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--model", "lut_vit_tiny_patch16",
-           "--input_size", "32", "--patch_size", "8", "--batch_size", "2", "--threads", "1", "--warmup", "1",
-           "--repeats", "2", "--peak_sizes", "64", "128", "--num_images", "3", "--passes", "1",
-           "--head_mlp_dim", "32", "--output_json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_benchmark(out, "--batch_size", "2", "--repeats", "2", "--peak_sizes", "64", "128", "--num_images", "3",
+                         "--passes", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [s["model"] for s in report["steps"]] == ["lut_vit_tiny_patch16", "mae_vit_tiny_patch16"]
@@ -427,12 +432,7 @@ def test_benchmark_reports_step_mfu_ratio_and_pipeline(tmp_path):
 def test_benchmark_reports_a_failed_measurement_and_still_runs_the_others(tmp_path):
     out = tmp_path / "bench.json"
     # One image per step: LUT's BatchNorm heads fail in the step's process, MAE (no BatchNorm) runs.
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--model", "lut_vit_tiny_patch16",
-           "--input_size", "32", "--patch_size", "8", "--batch_size", "1", "--threads", "1", "--warmup", "1",
-           "--repeats", "1", "--peak_sizes", "64", "--num_images", "0", "--head_mlp_dim", "32",
-           "--output_json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_benchmark(out, "--batch_size", "1", "--repeats", "1", "--peak_sizes", "64", "--num_images", "0")
     assert proc.returncode == 1 and "1 of 2 step measurements failed" in proc.stderr
     lut, mae = json.loads(out.read_text())["steps"]
     assert lut["model"] == "lut_vit_tiny_patch16" and "Expected more than 1 value per channel" in lut["error"]
