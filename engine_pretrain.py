@@ -9,7 +9,6 @@ import hashlib
 
 import torch
 from timm.optim import param_groups_weight_decay
-from torch._functorch import config as functorch_config
 
 from models_lut import bc_loss, lut_loss
 from util.dist import autocast
@@ -96,43 +95,12 @@ def apply_gradients(optimizer, scaler, student, teacher, momentum):
         update_teacher(teacher, student, momentum)
 
 
-# torch.compile lowers the backward graph at the first backward, by default; this makes it part of the compiled call.
-_COMPILE_BACKWARD_NOW = (dict(force_non_lazy_backward_lowering=True)
-                         if hasattr(functorch_config, "force_non_lazy_backward_lowering") else {})
-
-
-class CompiledStep:
-    """`pretrain_step` through torch.compile; if compilation fails, a printed warning and eager mode from then on.
-
-    Compilation happens at the first call (and on recompiles), so that is where a failure (no C++ compiler for
-    inductor on CPU, an unsupported op) shows: the backward graph is compiled there too, not lazily at the first
-    backward as torch does by default. pretrain_step compiles to a single graph, traced with fake tensors before
-    anything runs, so the failed call has not touched the model and is simply repeated eagerly.
-    """
-
-    def __init__(self):
-        self.compiled = torch.compile(pretrain_step)
-
-    def __call__(self, *args):
-        if self.compiled is not None:
-            try:
-                with functorch_config.patch(**_COMPILE_BACKWARD_NOW):
-                    return self.compiled(*args)
-            except torch._dynamo.exc.TorchDynamoException as e:
-                cause = getattr(e, "inner_exception", None) or e  # the backend's own error, when it raised one
-                reason = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
-                print(f"WARNING: torch.compile failed ({type(cause).__name__}: {reason}); continuing in eager mode",
-                      flush=True)
-                self.compiled = None
-        return pretrain_step(*args)
-
-
 def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoch, args, start_step=0,
                     log_writer=None, should_stop=lambda step: False, step_fn=pretrain_step, totals=None):
     """Train from optimizer step `start_step` of `epoch` to the end of the epoch, or until should_stop(global_step).
 
     model: the student (DDP-wrapped when distributed); teacher: the EMA copy for LUT, None for MAE.
-    step_fn: `pretrain_step` or a `CompiledStep` of it.
+    step_fn: `pretrain_step` or torch.compile(pretrain_step).
     args.steps_per_epoch optimizer steps make an epoch, each of args.accum_iter micro-batches.
     totals: the logger totals of the epoch's first part when resuming mid-epoch (see MetricLogger).
     Returns (stats: dict of epoch means, steps_done: optimizer steps of this epoch completed so far,

@@ -12,16 +12,11 @@ import json
 import os
 import time
 
-# Transparent huge pages for torch's CPU tensors of 2 MB and more (fewer TLB misses; CPU steps 1-9 % faster here,
-# docs/performance.md). torch reads this once, at its first allocation, hence before importing it;
-# THP_MEM_ALLOC_ENABLE=0 turns it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import models_lut
-from engine_pretrain import CompiledStep, build_optimizer, pretrain_step, train_one_epoch
+from engine_pretrain import build_optimizer, pretrain_step, train_one_epoch
 from util.augment import LUTTwoViews, mae_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import find_resume_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -29,7 +24,6 @@ from util.datasets import PretrainDataset, ResumableDistributedSampler, check_im
 from util.dist import barrier, destroy_distributed, init_distributed, is_main_process, local_device
 from util.knn import KNNEvaluator
 from util.logging import append_json_log, create_tb_writer
-from util.onednn import use_onednn_linears
 from util.preemption import PreemptionHandler
 from util.lr_sched import effective_lr
 
@@ -96,10 +90,7 @@ def get_args_parser():
     parser.add_argument("--fast_decode", action="store_true",
                         help="LUT: decode JPEGs at 1/2, 1/4 or 1/8 scale while the shorter side stays >= input_size "
                              "(faster loading; pixels differ slightly from a full decode, see docs/performance.md)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the training step (falls back to eager with a warning if it fails)")
-    parser.add_argument("--no_onednn", action="store_true",
-                        help="CPU: keep torch's nn.Linear matmuls instead of oneDNN's (same math; see util/onednn.py)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     return parser
 
 
@@ -142,8 +133,7 @@ def build_model(args):
     if args.model.startswith("lut"):
         kwargs.update(depth_head=args.depth_head, depth_pred=args.depth_pred, head_mlp_dim=args.head_mlp_dim,
                       head_norm_layer=args.head_norm_layer, head_act_layer=args.head_act_layer)
-    model = models_lut.MODELS[args.model](**kwargs)
-    return model if args.no_onednn else use_onednn_linears(model)
+    return models_lut.MODELS[args.model](**kwargs)
 
 
 def resume(path, args, student, teacher, optimizer, scaler):
@@ -257,7 +247,7 @@ def main(args):
         return preemption.requested(global_step) or (args.stop_at_step is not None
                                                      and global_step >= args.stop_at_step)
 
-    step_fn = CompiledStep() if args.compile else pretrain_step
+    step_fn = torch.compile(pretrain_step) if args.compile else pretrain_step
     print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):

@@ -12,7 +12,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DistributedSampler
 
-from util.augment import GaussianBlur, LUTTwoViews, OneOf, eval_transform, mae_transform
+from util.augment import BICUBIC, GaussianBlur, LUTTwoViews, OneOf, eval_transform, mae_transform
 from util.datasets import (
     PretrainDataset,
     ResumableDistributedSampler,
@@ -296,3 +296,46 @@ def test_batches_do_not_depend_on_num_workers(tmp_path):
     assert len(batches[0]) == len(batches[1]) == 2
     for (a1, a2), (b1, b2) in zip(*batches):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
+
+
+# ---------------------------------------------------------------- shared resize and reduced-scale JPEG decoding
+
+def photo(width, height, path):
+    """A smooth RGB image (bicubically enlarged noise) saved as a JPEG, so resampling differs little, as in photos."""
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (height // 25, width // 25, 3), dtype=np.uint8))
+    small.resize((width, height), Image.BICUBIC).save(path, quality=90)
+    return str(path)
+
+
+def test_shared_resize_gives_the_views_of_resizing_in_each_view(tmp_path):
+    img = load_image(photo(300, 200, tmp_path / "a.jpg"))
+    views = LUTTwoViews(64)
+    per_view = [T.Compose([T.Resize(64, interpolation=BICUBIC), *v.transforms]) for v in (views.view1, views.view2)]
+    for seed in range(8):
+        torch.manual_seed(seed)
+        got = views(img)
+        torch.manual_seed(seed)
+        want = per_view[0](img), per_view[1](img)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_fast_decode_scales_jpegs_down_while_the_shorter_side_stays_above_the_crop(tmp_path):
+    big, small = photo(1000, 800, tmp_path / "big.jpg"), photo(500, 375, tmp_path / "small.jpg")
+    Image.open(big).save(tmp_path / "big.png")
+    assert load_image(big, draft_size=224).size == (500, 400)  # 1/4 would give a 200-pixel side
+    assert load_image(big, draft_size=96).size == (125, 100)  # 1/8
+    assert load_image(small, draft_size=224).size == (500, 375)  # 1/2 would give 188 < 224
+    assert load_image(str(tmp_path / "big.png"), draft_size=224).size == (1000, 800)  # not a JPEG: unchanged
+    assert load_image(big).size == (1000, 800)
+
+
+def test_fast_decode_changes_the_views_only_slightly(tmp_path):
+    path = photo(1000, 800, tmp_path / "big.jpg")
+    full, fast = PretrainDataset([path], LUTTwoViews(224)), PretrainDataset([path], LUTTwoViews(224), draft_size=224)
+    for seed in range(3):
+        for a, b in zip(full[(0, seed)], fast[(0, seed)]):
+            assert a.shape == b.shape
+            # normalised units (one 8-bit level is about 0.017): small resampling differences, same crop and flip
+            assert (a - b).abs().mean() < 0.05
+            assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.98
