@@ -1,19 +1,75 @@
-"""One epoch of supervised training (fine-tuning or linear probing) and top-1 / top-5 evaluation."""
+"""Supervised training for fine-tuning and linear probing: labelled data, one epoch of training, top-1 / top-5
+evaluation."""
 import contextlib
+import os
+import time
 
 import torch
 from timm.utils import accuracy
 
-from engine_pretrain import NonFiniteGuard
-from util.dist import all_reduce_sum, autocast
+from util.checkpoint import load_training_state, save_epoch
+from util.datasets import ResumableDistributedSampler, build_imagefolder, check_images, rank_shard
+from util.dist import all_reduce_sum, autocast, wrap_ddp
 from util.logging import MetricLogger
 from util.lr_sched import adjust_learning_rate
+from util.preemption import PreemptionHandler
+from util.run import end_run, open_outputs
+
+
+def add_data_args(parser):
+    group = parser.add_argument_group("data and evaluation")
+    group.add_argument("--data_path", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
+    group.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint on val/")
+    group.add_argument("--dist_eval", action="store_true",
+                       help="evaluate on a shard of val/ per rank (exact: no image is repeated or dropped)")
+
+
+def check_data_args(args):
+    if args.eval and not args.resume:
+        raise SystemExit("--eval evaluates the checkpoint given with --resume PATH")
+
+
+def build_datasets(args, train_transform, val_transform):
+    """(train, val) ImageFolders of args.data_path; sets args.nb_classes. Fails with a clear message on bad data."""
+    try:
+        train = build_imagefolder(args.data_path, "train", train_transform)
+        val = build_imagefolder(args.data_path, "val", val_transform)
+        check_images([path for path, _ in train.samples])
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--data_path: {e}")
+    if train.classes != val.classes:
+        raise SystemExit(f"--data_path: {args.data_path}/train and {args.data_path}/val have different classes")
+    args.nb_classes = len(train.classes)
+    print(f"{len(train)} training and {len(val)} validation images, {args.nb_classes} classes")
+    return train, val
+
+
+def build_loaders(args, train_set, val_set, device):
+    """Training loader (shuffled, split over ranks, drop_last, able to skip the batches a preempted run already
+    trained on) and validation loader (the whole set on every rank, or one shard per rank with --dist_eval);
+    sets args.steps_per_epoch."""
+    sampler = ResumableDistributedSampler(len(train_set), args.world_size, args.rank, shuffle=True, seed=args.seed,
+                                          with_seeds=False)
+    pin = args.pin_mem and device.type == "cuda"
+    train_loader = torch.utils.data.DataLoader(
+        train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin,
+        drop_last=True, persistent_workers=args.num_workers > 0)
+    args.steps_per_epoch = len(train_loader) // args.accum_iter
+    if args.steps_per_epoch == 0:
+        raise SystemExit(f"{len(train_set)} training images are fewer than one optimizer step "
+                         f"({args.batch_size} x {args.accum_iter} x {args.world_size} ranks)")
+    if args.dist_eval and args.distributed:
+        val_set = rank_shard(val_set, args.rank, args.world_size)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                             pin_memory=pin)
+    return train_loader, val_loader
+
 
 def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, epoch, args, mixup_fn=None,
-                    log_writer=None, start_step=0, should_stop=lambda step: False, totals=None):
+                    clip_grad=None, start_step=0, totals=None, log_writer=None, should_stop=lambda step: False):
     """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step) says so.
 
-    Per-iteration lr schedule, optional Mixup / CutMix, gradient accumulation, AMP. model: DDP-wrapped when
+    Per-iteration lr schedule, optional Mixup / CutMix and gradient-norm clipping, gradient accumulation, AMP. model: DDP-wrapped when
     distributed; the batches are (images [B, 3, H, W], labels [B]); an epoch is args.steps_per_epoch optimizer steps.
     totals: the logger totals of the epoch's first part when resuming mid-epoch (see MetricLogger).
     Returns (dict of epoch means averaged over ranks plus the last lr, optimizer steps of the epoch done,
@@ -22,50 +78,40 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
     model.train()
     accum = args.accum_iter
     iters = args.steps_per_epoch * accum
-    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=iters, totals=totals)
-    guard = NonFiniteGuard(device)
+    logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=iters, totals=totals,
+                          epoch=epoch, log_writer=log_writer)
     step = start_step
+    data_loader.sampler.set_epoch(epoch, start_iter=start_step * accum, batch_size=args.batch_size)
     optimizer.zero_grad(set_to_none=True)
     batches = logger.log_every(data_loader, images_per_iter=args.batch_size * args.world_size,
                                start_iter=start_step * accum)
     for it, (samples, targets) in enumerate(batches, start=start_step * accum):
         if it >= iters:
             break
-        global_step = epoch * args.steps_per_epoch + step
         if it % accum == 0:
-            lr = adjust_learning_rate(optimizer, epoch + it / iters, args)
+            logger.set(lr=adjust_learning_rate(optimizer, epoch + it / iters, args))
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        with autocast(device, args.amp):
-            loss = criterion(model(samples), targets)
-
         last_micro = (it + 1) % accum == 0
         # Micro-steps inside an accumulation window skip DDP's gradient all-reduce.
-        sync = contextlib.nullcontext() if last_micro or not args.distributed else model.no_sync()
-        with sync:
+        with contextlib.nullcontext() if last_micro or not args.distributed else model.no_sync():
+            with autocast(device, args.amp):
+                loss = criterion(model(samples), targets)
             scaler.scale(loss / accum).backward()
-        guard.update(global_step, dict(loss=loss))
         logger.update(loss=loss)
         if last_micro:
-            if args.clip_grad is not None:
+            if clip_grad is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            logger.set(lr=lr)
             step += 1
-        if (it + 1) % args.print_freq == 0:
-            guard.check()
-            if log_writer is not None:
-                log_writer.add_scalar("train/loss", loss.item(), global_step)  # rank 0's batch
-                log_writer.add_scalar("train/lr", lr, global_step)
-        if last_micro and should_stop(global_step + 1):
-            break
-    guard.check()
+            if should_stop(epoch * args.steps_per_epoch + step):
+                break
     return logger.summary(), step, logger.totals()
 
 
@@ -96,4 +142,45 @@ def evaluate(model, data_loader, device, amp="none", reduce=False):
     if reduce:
         totals = all_reduce_sum(totals)
     loss, hits1, hits5, count = totals.tolist()
-    return dict(acc1=100 * hits1 / count, acc5=100 * hits5 / count, loss=loss / count, count=int(count))
+    stats = dict(acc1=100 * hits1 / count, acc5=100 * hits5 / count, loss=loss / count, count=int(count))
+    print(f"Accuracy on {stats['count']} test images: top-1 {stats['acc1']:.3f}% ({int(hits1)}/{int(count)}), "
+          f"top-5 {stats['acc5']:.3f}%, loss {stats['loss']:.4f}")
+    return stats
+
+
+def fit(args, model, optimizer, criterion, train_loader, val_loader, device, ckpt_path, mixup_fn=None,
+        clip_grad=None):
+    """The epoch loop of fine-tuning and linear probing: resume (or start), then per epoch train, evaluate on val/,
+    keep the best top-1 and save (checkpoint-last.pth, checkpoint-best.pth, checkpoint-<epoch>.pth, logs).
+
+    model: unwrapped, on `device`; ckpt_path: the checkpoint to resume from, None to start afresh. A preemption
+    signal stops at an optimizer step all ranks agree on: the position is saved, the evaluation follows the requeue.
+    """
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_epoch, start_step, totals, ckpt = load_training_state(ckpt_path, args, model, optimizer, scaler)
+    best = dict(max_accuracy=ckpt.get("max_accuracy", 0.0), best_epoch=ckpt.get("best_epoch"))
+    ddp_model = wrap_ddp(model, args, device)
+    log_writer, preemption = open_outputs(args, ckpt), PreemptionHandler(check_every=args.print_freq)
+    dist_eval = args.dist_eval and args.distributed
+
+    print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
+    start_time = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        train_stats, done, totals = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler, device,
+                                                    epoch, args, mixup_fn, clip_grad, start_step, totals,
+                                                    log_writer, preemption.requested)
+        test_stats = {}
+        if done == args.steps_per_epoch:
+            test_stats = evaluate(model, val_loader, device, args.amp, dist_eval)
+            if test_stats["acc1"] > best["max_accuracy"]:
+                best = dict(max_accuracy=test_stats["acc1"], best_epoch=epoch)
+            print(f"Max accuracy: {best['max_accuracy']:.2f}%")
+        save_epoch(args, model, optimizer, scaler, epoch, done, totals, log_writer, train_stats, test_stats,
+                   best["best_epoch"] == epoch, **best)
+        if done < args.steps_per_epoch:
+            print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; "
+                  f"{os.path.join(args.output_dir, 'checkpoint-last.pth')} resumes here")
+        if done < args.steps_per_epoch or preemption.requested(epoch * args.steps_per_epoch + done):
+            break
+        start_step, totals = 0, None
+    end_run(log_writer, start_time, preemption)

@@ -1,4 +1,4 @@
-"""One epoch of MAE or LUT pre-training (SPEC §2), resumable at any optimizer step.
+"""One epoch of MAE or LUT pre-training (docs/method.md), resumable at any optimizer step.
 
 `pretrain_step` (the losses of one micro-batch) and `apply_gradients` (optimizer step and teacher update) are the
 whole computation of a training step; `train_one_epoch` adds data, schedules and logging around them, and
@@ -17,10 +17,6 @@ from util.lr_sched import adjust_learning_rate
 from util.logging import MetricLogger
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
 def masking_noise(args, epoch, micro_step, batch_size, num_patches, device):
     """Masking noise [batch_size, L] for this rank, a pure function of (seed, epoch, micro step).
 
@@ -32,29 +28,6 @@ def masking_noise(args, epoch, micro_step, batch_size, num_patches, device):
     g.manual_seed(int.from_bytes(key, "little") >> 1)
     noise = torch.rand(batch_size * args.world_size, num_patches, generator=g, device=device)
     return noise[args.rank::args.world_size]
-
-
-class NonFiniteGuard:
-    """Remembers the first optimizer step whose loss terms were not finite, without a host sync per step."""
-
-    def __init__(self, device):
-        self.step = torch.full((), -1, dtype=torch.long, device=device)
-        self.terms = None
-
-    def update(self, step, terms):
-        values = torch.stack([v.detach().float() for v in terms.values()])
-        first = (self.step < 0) & ~torch.isfinite(values).all()
-        self.step = torch.where(first, step, self.step)  # a python int: no host-to-device copy
-        self.terms = values if self.terms is None else torch.where(first, values, self.terms)
-        self.names = list(terms)
-
-    def check(self):
-        """Raise if a non-finite loss was seen (this syncs: call it at print intervals and before saving)."""
-        step = int(self.step)
-        if step >= 0:
-            terms = ", ".join(f"{n} {v:.4g}" for n, v in zip(self.names, self.terms.tolist()))
-            raise NonFiniteLossError(f"non-finite loss at optimizer step {step} ({terms}); stopping without saving, "
-                                     f"the last checkpoint is untouched")
 
 
 def pretrain_step(model, teacher, views, noise, args):
@@ -75,10 +48,9 @@ def pretrain_step(model, teacher, views, noise, args):
 
 
 def build_optimizer(student, args, device):
-    """AdamW of SPEC §3: betas (0.9, 0.95), weight decay args.weight_decay on weights with ndim >= 2 only.
+    """AdamW of docs/method.md: betas (0.9, 0.95), weight decay args.weight_decay on weights with ndim >= 2 only.
 
-    The fused kernel updates all parameters in one pass; it exists on CUDA and CPU (4x faster than the default
-    per-tensor loop there, a few percent of a ViT-S step).
+    The fused kernel updates all parameters in one pass (CUDA and CPU), the same math as the per-tensor loop.
     """
     # By keyword: timm's third positional parameter is weight_decay_exclude_1d, not the no-decay list.
     param_groups = param_groups_weight_decay(student, args.weight_decay,
@@ -95,8 +67,8 @@ def apply_gradients(optimizer, scaler, student, teacher, momentum):
         update_teacher(teacher, student, momentum)
 
 
-def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoch, args, start_step=0,
-                    log_writer=None, should_stop=lambda step: False, step_fn=pretrain_step, totals=None):
+def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoch, args, start_step=0, totals=None,
+                    log_writer=None, should_stop=lambda step: False, step_fn=pretrain_step):
     """Train from optimizer step `start_step` of `epoch` to the end of the epoch, or until should_stop(global_step).
 
     model: the student (DDP-wrapped when distributed); teacher: the EMA copy for LUT, None for MAE.
@@ -108,49 +80,36 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
     """
     model.train()
     student = model.module if hasattr(model, "module") else model
-    accum, lut = args.accum_iter, teacher is not None
+    accum = args.accum_iter
     micro_per_epoch = args.steps_per_epoch * accum
     logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=micro_per_epoch,
-                          totals=totals)
-    guard = NonFiniteGuard(device)
+                          totals=totals, epoch=epoch, log_writer=log_writer, tb_prefix="train_")
     step = start_step
+    data_loader.sampler.set_epoch(epoch, start_iter=start_step * accum, batch_size=args.batch_size)
     optimizer.zero_grad(set_to_none=True)
-
     batches = logger.log_every(data_loader, images_per_iter=args.batch_size * args.world_size,
                                start_iter=start_step * accum)
     for micro, batch in enumerate(batches, start=start_step * accum):
         if micro >= micro_per_epoch:
             break
-        global_step = epoch * args.steps_per_epoch + step
         if micro % accum == 0:
-            lr = adjust_learning_rate(optimizer, epoch + micro / micro_per_epoch, args)
-        views = [v.to(device, non_blocking=True) for v in (batch if lut else [batch])]
+            logger.set(lr=adjust_learning_rate(optimizer, epoch + micro / micro_per_epoch, args))
+        views = [v.to(device, non_blocking=True) for v in (batch if teacher is not None else [batch])]
         noise = masking_noise(args, epoch, micro, views[0].shape[0], student.num_patches, device)
 
         last_micro = (micro + 1) % accum == 0
         # Micro-steps inside an accumulation window skip DDP's gradient all-reduce.
-        sync = contextlib.nullcontext() if last_micro or not args.distributed else model.no_sync()
-        with sync:
+        with contextlib.nullcontext() if last_micro or not args.distributed else model.no_sync():
             terms = step_fn(model, teacher, views, noise, args)
             scaler.scale(terms["loss"] / accum).backward()
-        guard.update(global_step, terms)
         logger.update(**terms)
-
         if last_micro:
-            m = momentum_at(global_step, args.total_steps, args.model_ema_decay)
-            apply_gradients(optimizer, scaler, student, teacher, m)
-            if lut:
-                logger.set(momentum=m)
-            logger.set(lr=lr)
+            global_step = epoch * args.steps_per_epoch + step
+            momentum = momentum_at(global_step, args.total_steps, args.model_ema_decay)
+            apply_gradients(optimizer, scaler, student, teacher, momentum)
+            if teacher is not None:
+                logger.set(momentum=momentum)
             step += 1
-        if (micro + 1) % args.print_freq == 0:
-            guard.check()
-            if log_writer is not None:
-                for name, value in terms.items():
-                    log_writer.add_scalar(f"train/{name}", value.item(), global_step)  # rank 0's batch
-                log_writer.add_scalar("train/lr", lr, global_step)
-        if last_micro and should_stop(global_step + 1):
-            break
-
-    guard.check()
+            if should_stop(global_step + 1):
+                break
     return logger.summary(), step, logger.totals()

@@ -12,52 +12,37 @@ import argparse
 import json
 import os
 
-import torch
-
 import models_vit
-from util.dist import destroy_distributed, init_distributed, is_main_process, local_device
+from util.dist import destroy_distributed, is_main_process
 from util.knn import KNNEvaluator
-from util.pretrained import load_pretrained
+from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
+from util.run import add_run_args, seed_everything, start_run
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("k-NN evaluation of a pre-trained ViT", add_help=False)
-    parser.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS))
-    parser.add_argument("--input_size", default=224, type=int)
-    parser.add_argument("--patch_size", default=16, type=int)
-    parser.add_argument("--finetune", default="", metavar="PATH",
-                        help="pre-training checkpoint (ours, the LUT authors' or MAE's); none = random weights")
-    parser.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"],
-                        help="'model' (student) or 'model_ema' (LUT teacher)")
+    add_encoder_args(parser)
     parser.add_argument("--global_pool", action="store_true",
                         help="mean of the final-norm patch tokens instead of the CLS token")
     parser.add_argument("--nb_knn", default=20, type=int, help="neighbours k")
     parser.add_argument("--temperature", default=0.07, type=float, help="neighbour weight exp(cos / temperature)")
     parser.add_argument("--data_path", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
     parser.add_argument("--batch_size", default=256, type=int, help="images per GPU for feature extraction")
-    parser.add_argument("--num_workers", default=10, type=int)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
-                        help="autocast precision (default bf16 on CUDA, none on CPU)")
-    parser.add_argument("--seed", default=0, type=int, help="initialisation of the random-weights baseline")
-    parser.add_argument("--output_dir", default="", help="also write knn.json here")
+    add_run_args(parser, training=False)
+    parser.set_defaults(output_dir="")  # knn.json only where asked for
     return parser
 
 
 def main(args):
     """Returns dict(knn_top1, knn_top5) in %."""
-    init_distributed(args)
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise SystemExit(f"--finetune checkpoint not found: {args.finetune}")
-    if args.amp is None:
-        args.amp = "bf16" if args.device.startswith("cuda") else "none"
-    device = local_device(args)
+    device = start_run(args)
+    check_encoder_args(args)
     try:
         knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers, args.nb_knn,
                            args.temperature, "avg" if args.global_pool else "token")
     except ValueError as e:
         raise SystemExit(f"--data_path: {e}")
-    torch.manual_seed(args.seed)  # every rank builds the same random baseline
+    seed_everything(args.seed)  # every rank builds the same random baseline
     model = models_vit.MODELS[args.model](img_size=args.input_size, patch_size=args.patch_size, num_classes=0,
                                           global_pool="avg" if args.global_pool else "token", fc_norm=False)
     if args.finetune:

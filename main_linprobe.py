@@ -1,4 +1,4 @@
-"""Linear probing of a frozen pre-trained encoder, MAE's protocol (SPEC §4), on one CPU/GPU or with torchrun / srun.
+"""Linear probing of a frozen pre-trained encoder, MAE's protocol, on one CPU/GPU or with torchrun / srun.
 
 The encoder is frozen; only BatchNorm (no affine) + a linear layer on its features are trained, with LARS, no
 weight decay, RandomResizedCrop + flip. Features are the CLS token after the final norm (--global_pool: the mean of
@@ -18,34 +18,38 @@ import torchvision.transforms as T
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 
-import main_finetune
 import models_vit
+from engine_finetune import add_data_args, build_datasets, build_loaders, check_data_args, evaluate, fit
+from util.augment import eval_transform
 from util.batchnorm import convert_sync_batchnorm
-from util.checkpoint import find_resume_checkpoint
-from util.dist import destroy_distributed, init_distributed, local_device
+from util.checkpoint import find_resume_checkpoint, load_checkpoint
 from util.lars import LARS
-from util.pretrained import load_pretrained
+from util.lr_sched import add_schedule_args, set_lr
+from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
+from util.run import add_run_args, seed_everything, start_run
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Linear probing of a frozen pre-trained ViT", add_help=False)
-    main_finetune.add_common_args(parser)
+    # MAE's protocol: 90 epochs at an effective batch of 16384 (512 per GPU x accum 4 x 8 GPUs), lr = 0.1 * eff / 256.
+    add_schedule_args(parser, sqrt_divisor=8, batch_size=512, epochs=90, blr=0.1, lr_scale="linear", min_lr=0.0,
+                      warmup_epochs=10, weight_decay=0.0)
+    add_encoder_args(parser)
     parser.add_argument("--global_pool", action="store_true",
                         help="probe the mean of the final-norm patch tokens instead of the CLS token")
-    # MAE's protocol: 90 epochs at an effective batch of 16384 (512 per GPU x accum 4 x 8 GPUs), lr = 0.1 * eff / 256.
-    parser.set_defaults(batch_size=512, epochs=90, blr=0.1, lr_scale="linear", min_lr=0.0, warmup_epochs=10,
-                        weight_decay=0.0)
+    add_data_args(parser)
+    add_run_args(parser)
     return parser
 
 
-def build_model(args, resuming):
+def build_model(args, pretrained):
     """Frozen ViT encoder + BatchNorm1d(affine=False) + Linear; only the head trains."""
     model = models_vit.MODELS[args.model](
         img_size=args.input_size, patch_size=args.patch_size, num_classes=args.nb_classes,
         global_pool="avg" if args.global_pool else "token", fc_norm=False)
-    if args.finetune and not resuming:
+    if pretrained and args.finetune:
         load_pretrained(model, args.finetune, args.checkpoint_key)
-    elif not resuming:
+    elif pretrained:
         print("No --finetune checkpoint: probing a randomly initialised encoder (a baseline)")
     trunc_normal_(model.head.weight, std=0.01)
     # Normalising the features without learned scale or shift makes the probe insensitive to their scale, which
@@ -58,35 +62,35 @@ def build_model(args, resuming):
 
 
 def main(args):
-    """Linear-probe (or with --eval only evaluate) as `args` describes; returns the last evaluation's stats."""
-    init_distributed(args)
-    main_finetune.check_args(args)
-    device = local_device(args)
+    """Linear-probe (or with --eval only evaluate) as `args` describes."""
+    device = start_run(args)
+    check_encoder_args(args)
+    check_data_args(args)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    main_finetune.set_seed(args)
-
+    seed_everything(args.seed + args.rank)  # each rank its own crops
     train_transform = T.Compose([
         T.RandomResizedCrop(args.input_size, interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
-    train_set, val_set = main_finetune.build_datasets(args, train_transform)
-    train_loader, val_loader = main_finetune.build_loaders(args, train_set, val_set, device)
-    print(f"{len(train_set)} training and {len(val_set)} validation images, {args.nb_classes} classes")
+    train_set, val_set = build_datasets(args, train_transform, eval_transform(args.input_size))
+    train_loader, val_loader = build_loaders(args, train_set, val_set, device)
     print(json.dumps(vars(args), indent=1, default=str))
 
-    resuming = bool(args.resume or find_resume_checkpoint(args.output_dir, "", args.auto_resume))
-    model = build_model(args, resuming).to(device)
+    ckpt_path = None if args.eval else find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)
+    model = build_model(args, pretrained=not (args.eval or ckpt_path)).to(device)
     if args.distributed:
         model = convert_sync_batchnorm(model, device)  # the probe's BatchNorm sees the global batch
-    print(f"{args.model}: {sum(p.numel() for p in model.head.parameters())} trainable parameters (the head)")
+    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{args.model}: {n_parameters} trainable parameters (the head)")
+    if args.eval:
+        model.load_state_dict(load_checkpoint(args.resume)["model"])
+        return evaluate(model, val_loader, device, args.amp, args.dist_eval and args.distributed)
 
-    main_finetune.set_lr(args)
+    set_lr(args)
     optimizer = LARS(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    stats = main_finetune.fit(args, model, optimizer, torch.nn.CrossEntropyLoss(), train_loader, val_loader, device)
-    destroy_distributed()
-    return stats
+    fit(args, model, optimizer, torch.nn.CrossEntropyLoss(), train_loader, val_loader, device, ckpt_path)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""MAE and LUT pre-training models (SPEC §1-2).
+"""MAE and LUT pre-training models (docs/method.md, sections 1-3).
 
 `MaskedAutoencoderViT` is plain MAE. `LUT` adds the projector (`head`) and predictor on top of the same encoder and
 decoder: the student reconstructs the masked patches of view 1 and predicts, from the visible tokens of each view,
@@ -124,7 +124,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.apply(self._init_weights)
 
     def no_weight_decay(self):
-        """Parameters excluded from weight decay besides biases and norms (SPEC §3): tokens and position embeddings."""
+        """Parameters excluded from weight decay besides biases and norms: tokens and position embeddings
+        (docs/method.md, section 4)."""
         return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
 
     @staticmethod

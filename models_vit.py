@@ -1,4 +1,4 @@
-"""Classifier ViTs for fine-tuning, linear probing and k-NN evaluation (SPEC §1): timm's `VisionTransformer`.
+"""Classifier ViTs for fine-tuning, linear probing and k-NN evaluation (docs/method.md): timm's `VisionTransformer`.
 
 The encoder keys (`patch_embed.proj.*`, `cls_token`, `pos_embed`, `blocks.{i}.*`, `norm.*`) are those of the
 pre-training encoders in models_lut.py, so loading pre-trained weights is a key filter (util/pretrained.py).

@@ -44,14 +44,6 @@ def denormalize(x):
     return (x * std + mean) * 255
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_demo_data.py"), "--out", str(out)],
-                   check=True, capture_output=True)
-    return out
-
-
 # ---------------------------------------------------------------- augmentation
 
 def test_augmentation_is_a_pure_function_of_aug_seed(tmp_path):
@@ -90,11 +82,7 @@ def test_view1_is_photometrically_clean_and_view2_is_not():
 def test_view2_applies_exactly_one_of_grayscale_solarize_blur_uniformly():
     views = LUTTwoViews(16)
     one_of = next(t for t in views.view2.transforms if isinstance(t, OneOf))
-    kinds = [type(t) for t in one_of.transforms]
-    assert kinds == [T.Grayscale, T.RandomSolarize, GaussianBlur]
-    assert one_of.transforms[0].num_output_channels == 3
-    assert one_of.transforms[1].threshold == 128 and one_of.transforms[1].p == 1.0
-    assert one_of.transforms[2].sigma == (0.1, 2.0)
+    assert [type(t) for t in one_of.transforms] == [T.Grayscale, T.RandomSolarize, GaussianBlur]
     calls = []
     one_of.transforms = [lambda img, k=k: calls.append(k) or img for k in range(3)]
     img = random_image(16, 16)
@@ -107,25 +95,23 @@ def test_view2_applies_exactly_one_of_grayscale_solarize_blur_uniformly():
     assert all(70 <= c <= 130 for c in counts), counts
 
 
-def test_view2_colour_jitter_is_applied_with_probability_0_8():
-    jitter = next(t for t in LUTTwoViews(16).view2.transforms if isinstance(t, T.RandomApply))
-    assert jitter.p == 0.8
-    (cj,) = jitter.transforms
-    assert (cj.brightness, cj.contrast, cj.saturation, cj.hue) == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+def test_view2_colour_jitter_changes_about_four_in_five_images():
+    views = LUTTwoViews(16)
+    one_of = next(t for t in views.view2.transforms if isinstance(t, OneOf))
+    one_of.transforms = [lambda img: img]  # jitter alone
+    img = Image.new("RGB", (16, 16), (120, 90, 60))  # crops and flips leave a constant image as it is
+    changed = 0
+    for seed in range(400):
+        torch.manual_seed(seed)
+        view1, view2 = views(img)
+        changed += not torch.allclose(denormalize(view2), denormalize(view1), atol=0.5)
+    assert 0.75 <= changed / 400 <= 0.85
 
 
 def test_solarize_inverts_pixels_from_128_up():
     img = Image.fromarray(np.array([[[127] * 3, [128] * 3, [255] * 3]], dtype=np.uint8))
     solarize = next(t for t in LUTTwoViews(16).view2.transforms if isinstance(t, OneOf)).transforms[1]
     assert np.asarray(solarize(img))[0, :, 0].tolist() == [127, 127, 0]
-
-
-def test_mae_and_eval_transforms_give_input_size():
-    img = random_image(28, 28)
-    assert mae_transform(32)(img).shape == (3, 32, 32)
-    first, second = eval_transform(32)(img), eval_transform(32)(img)
-    assert first.shape == (3, 32, 32)
-    assert torch.equal(first, second)
 
 
 # ---------------------------------------------------------------- sampler
@@ -218,12 +204,6 @@ def test_find_images_accepts_imagenet_class_and_flat_layouts(tmp_path):
     assert find_images(str(tmp_path / "flat")) == [str(tmp_path / "flat" / p) for p in ("1.png", "2.jpeg")]
 
 
-def test_find_images_rejects_missing_path(tmp_path):
-    missing = str(tmp_path / "does-not-exist")
-    with pytest.raises(FileNotFoundError, match=re.escape(missing)):
-        find_images(missing)
-
-
 def test_find_images_rejects_folder_without_images(tmp_path):
     (tmp_path / "empty" / "class_a").mkdir(parents=True)
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
@@ -249,42 +229,31 @@ def test_check_images_decodes_first_and_last_when_sampling(tmp_path):
         check_images(find_images(str(tmp_path)), max_files=3)
 
 
-def test_load_image_returns_rgb(tmp_path):
-    Image.new("L", (5, 4), 7).save(tmp_path / "gray.png")
-    img = load_image(str(tmp_path / "gray.png"))
-    assert img.mode == "RGB" and img.size == (5, 4)
-
-
 # ---------------------------------------------------------------- demo data
 
-def test_make_demo_data_writes_balanced_imagefolder(demo_dir):
+def test_make_demo_data_writes_balanced_imagefolder(demo):
     for split, per_class in (("train", 300), ("val", 100)):
-        classes = sorted(os.listdir(demo_dir / split))
+        classes = sorted(os.listdir(demo / split))
         assert len(classes) == 10 and "t-shirt_top" in classes and "ankle_boot" in classes
-        assert all(len(os.listdir(demo_dir / split / c)) == per_class for c in classes)
-    img = Image.open(next((demo_dir / "val" / "trouser").iterdir()))
+        assert all(len(os.listdir(demo / split / c)) == per_class for c in classes)
+    img = Image.open(next((demo / "val" / "trouser").iterdir()))
     assert img.mode == "RGB" and img.size == (28, 28)
 
 
-def test_make_demo_data_is_idempotent(demo_dir):
-    before = os.stat(demo_dir / "train" / "bag").st_mtime_ns
-    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_demo_data.py"), "--out", str(demo_dir)],
+def test_make_demo_data_is_idempotent(demo):
+    before = os.stat(demo / "train" / "bag").st_mtime_ns
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_demo_data.py"), "--out", str(demo)],
                             check=True, capture_output=True, text=True)
     assert "skipping" in result.stdout
-    assert os.stat(demo_dir / "train" / "bag").st_mtime_ns == before
+    assert os.stat(demo / "train" / "bag").st_mtime_ns == before
 
 
-def test_demo_data_feeds_pretraining_and_classification(demo_dir):
-    assert len(find_images(str(demo_dir))) == 3000
-    val = build_imagefolder(str(demo_dir), "val", eval_transform(32))
+def test_demo_data_feeds_pretraining_and_classification(demo):
+    assert len(find_images(str(demo))) == 3000
+    val = build_imagefolder(str(demo), "val", eval_transform(32))
     assert len(val) == 1000 and len(val.classes) == 10
     x, label = val[0]
     assert x.shape == (3, 32, 32) and val.classes[label] == "ankle_boot"
-
-
-def test_build_imagefolder_rejects_missing_split(tmp_path):
-    with pytest.raises(FileNotFoundError, match="val"):
-        build_imagefolder(str(tmp_path), "val", eval_transform(32))
 
 
 def test_batches_do_not_depend_on_num_workers(tmp_path):

@@ -16,15 +16,12 @@ from PIL import Image
 import main_finetune
 import models_lut
 import models_vit
+from runs import MICRO_FINETUNE, MICRO_PRETRAIN, ROOT, ENV, TORCHRUN, epoch_log, run as run_cmd
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.lars import LARS
-from util.lr_sched import adjust_learning_rate
+from util.lr_sched import adjust_learning_rate, set_lr
 from util.pretrained import load_pretrained
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO_PRETRAIN = os.path.join(ROOT, "tests", "micro_pretrain.py")
-MICRO_FINETUNE = os.path.join(ROOT, "tests", "micro_finetune.py")
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 # The micro encoder of tests/micro_pretrain.py and tests/micro_finetune.py, on 32 px images with 8 px patches.
 ENCODER = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8)
 DECODER = dict(decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2)
@@ -183,8 +180,8 @@ def test_recipes_give_the_published_lr_at_batch_1024(recipe, lr):
     parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
     args = parser.parse_args(["--data_path", "x", "--recipe", recipe, "--device", "cpu", "--batch_size", "128"])
     args.world_size = 8
-    main_finetune.check_finetune_args(args)
-    main_finetune.set_lr(args)
+    main_finetune.check_args(args)
+    set_lr(args)
     assert args.lr == pytest.approx(lr)
     assert args.layer_decay == {"lut": 0.75, "mae": 0.65}[recipe]
 
@@ -214,13 +211,8 @@ def test_randaugment_posterize_to_zero_bits_gives_a_black_image():
 # ---------------------------------------------------------------- end to end, on the demo data
 
 def run(script, *flags, check=True, launcher=(sys.executable,)):
-    cmd = [*launcher, *script, "--input_size", "32", "--patch_size", "8", "--num_workers", "1", *map(str, flags)]
-    # One thread per process: two OpenMP threads per process on a shared 2-core machine spin-wait for each other.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_cmd([*launcher, *script, "--input_size", "32", "--patch_size", "8", "--num_workers", "1", *flags],
+                   check=check)
 
 
 def finetune(*flags, **kw):
@@ -241,16 +233,7 @@ def hits(stdout):
 
 
 def last_log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f][-1]
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out", str(root)],
-                   check=True, capture_output=True)
-    return root
+    return epoch_log(out)[-1]
 
 
 @pytest.fixture(scope="session")
@@ -331,7 +314,6 @@ def test_bad_flags_fail_early_with_clear_message(flags, message):
     args = parser.parse_args(["--data_path", "x", "--device", "cpu", "--patch_size", "8", *flags])
     with pytest.raises(SystemExit, match=message):
         main_finetune.check_args(args)
-        main_finetune.check_finetune_args(args)
 
 
 def test_missing_val_folder_fails_early_with_clear_message(demo, tmp_path):
@@ -347,8 +329,7 @@ def test_sigusr2_checkpoints_mid_epoch_and_the_resumed_run_trains_each_batch_onc
     cmd = [sys.executable, MICRO_FINETUNE, "finetune", "--model", "vit_micro", "--batch_size", "16", "--print_freq",
            "5", "--input_size", "32", "--patch_size", "8", "--num_workers", "0", "--data_path", str(demo),
            "--finetune", str(pretrained), "--epochs", "2", "--output_dir", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=ENV)
     for line in proc.stdout:
         if "Epoch [0] [ 10/187]" in line:
             proc.send_signal(signal.SIGUSR2)

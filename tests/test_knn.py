@@ -1,20 +1,15 @@
 """Weighted k-NN evaluation: exact votes on toy features, data checks, and rank-independent results."""
-import json
 import math
-import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from util.knn import KNNEvaluator, gather_shards, knn_hits, knn_scores, pool_tokens
+from runs import MICRO_FINETUNE, MICRO_PRETRAIN, TORCHRUN, epoch_log, run
+from util.knn import KNNEvaluator, knn_hits, knn_scores, pool_tokens
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MICRO_FINETUNE = os.path.join(ROOT, "tests", "micro_finetune.py")
-TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 
 def test_one_hot_class_features_are_classified_perfectly():
@@ -51,11 +46,6 @@ def test_features_are_the_cls_token_or_the_mean_patch_token():
     assert torch.equal(pool_tokens(tokens, "avg"), (tokens[:, 1] + tokens[:, 2]) / 2)
 
 
-def test_gathering_shards_of_one_rank_is_the_identity():
-    x = torch.randn(7, 3)
-    assert gather_shards(x, 7) is x
-
-
 def test_knn_needs_labelled_train_and_val_folders(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     with pytest.raises(ValueError, match="k-NN evaluation needs labelled"):
@@ -63,26 +53,9 @@ def test_knn_needs_labelled_train_and_val_folders(tmp_path):
 
 
 def knn(*flags, launcher=(sys.executable,)):
-    cmd = [*launcher, MICRO_FINETUNE, "knn", "--model", "vit_micro", "--input_size", "32", "--patch_size", "8",
-           "--num_workers", "0", "--batch_size", "128", *map(str, flags)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: one thread per process is fastest
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = run([*launcher, MICRO_FINETUNE, "knn", "--model", "vit_micro", "--input_size", "32", "--patch_size", "8",
+                "--num_workers", "0", "--batch_size", "128", *flags])
     return re.search(r"k-NN \(k 20, T 0.07\): top-1 ([\d.]+)%, top-5 ([\d.]+)%", proc.stdout).groups()
-
-
-@pytest.fixture(scope="module")
-def small_demo(tmp_path_factory):
-    """301 training and 101 validation images of the demo data: odd sizes, so two ranks get unequal shards."""
-    full, small = tmp_path_factory.mktemp("demo"), tmp_path_factory.mktemp("small_demo")
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out", str(full)],
-                   check=True, capture_output=True)
-    for split, per_class in (("train", 30), ("val", 10)):
-        for i, class_dir in enumerate(sorted((full / split).iterdir())):
-            (small / split / class_dir.name).mkdir(parents=True)
-            for image in sorted(class_dir.iterdir())[:per_class + (i == 0)]:
-                (small / split / class_dir.name / image.name).symlink_to(image)
-    return small
 
 
 @pytest.mark.slow
@@ -93,23 +66,17 @@ def test_two_ranks_give_the_single_process_accuracy(small_demo):
     assert float(single[0]) > 30  # chance: 10 %; even random ViT features cluster Fashion-MNIST
 
 
-MICRO_PRETRAIN = os.path.join(ROOT, "tests", "micro_pretrain.py")
-
-
 def pretrain(*flags):
-    cmd = [sys.executable, MICRO_PRETRAIN, "--model", "lut_vit_micro", "--input_size", "32", "--patch_size", "8",
-           "--batch_size", "16", "--warmup_epochs", "1", "--num_workers", "0", "--head_mlp_dim", "64",
-           *map(str, flags)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return run([sys.executable, MICRO_PRETRAIN, "--model", "lut_vit_micro", "--input_size", "32", "--patch_size",
+                "8", "--batch_size", "16", "--warmup_epochs", "1", "--num_workers", "0", "--head_mlp_dim", "64",
+                *flags], check=False)
 
 
 @pytest.mark.slow
 def test_pretraining_reports_knn_accuracy_every_knn_freq_epochs(small_demo, tmp_path):
     proc = pretrain("--data_path", small_demo, "--output_dir", tmp_path, "--epochs", 3, "--knn_freq", 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    with open(tmp_path / "log.txt") as f:
-        log = [json.loads(line) for line in f]
+    log = epoch_log(tmp_path)
     assert ["train_knn_top1" in r for r in log] == [False, True, True]  # epoch 2 of 2, and the last epoch
     assert all(20 < r["train_knn_top1"] <= r["train_knn_top5"] <= 100 for r in log[1:]), log
 

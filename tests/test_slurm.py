@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_pretrain import ROOT, assert_same_training_state, demo, epoch_log  # noqa: F401  (demo: a fixture)
+from runs import ENV, ROOT, assert_same_training_state, epoch_log
 from util.checkpoint import load_checkpoint
 from util.submit import submit
 
@@ -22,7 +22,6 @@ MICRO = ["--model", "lut_vit_micro", "--input_size", "32", "--patch_size", "8", 
          "--head_mlp_dim", "64", "--print_freq", "4", "--seed", "5", "--batch_size", "8"]  # 8 per rank x 2 ranks
 STEPS = 16  # optimizer steps per epoch: 256 images / (8 x 2)
 EPOCHS = 6
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see tests/test_pretrain.py: one thread per process
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING",
           "SIGNALING", "STAGE_OUT", "SUSPENDED")
 
@@ -117,11 +116,11 @@ def submit_job(cluster):
 
 
 @pytest.fixture(scope="module")
-def torchrun_reference(cluster, demo, tmp_path_factory):
+def torchrun_reference(cluster, flat_images, tmp_path_factory):
     """checkpoint-last.pth of the same 2-rank run under torchrun."""
     out = tmp_path_factory.mktemp("torchrun")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "tests", "micro_pretrain.py"), *MICRO, "--data_path", str(demo / "small"),
+           os.path.join(ROOT, "tests", "micro_pretrain.py"), *MICRO, "--data_path", str(flat_images),
            "--epochs", str(EPOCHS), "--num_workers", "0", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -137,8 +136,8 @@ def stop_and_resume_steps(output):
 
 
 @pytest.mark.slow
-def test_two_task_job_completes_and_equals_torchrun(submit_job, demo, tmp_path, torchrun_reference):
-    job = submit_job(tmp_path / "%j", "--data_path", demo / "small", "--epochs", EPOCHS, "--num_workers", 0)
+def test_two_task_job_completes_and_equals_torchrun(submit_job, flat_images, tmp_path, torchrun_reference):
+    job = submit_job(tmp_path / "%j", "--data_path", flat_images, "--epochs", EPOCHS, "--num_workers", 0)
     assert job.out == tmp_path / job.id and job.log == job.out / "submitit" / f"{job.id}_0_log.out"
     info = job.wait(timeout=300)
     output = job.output()
@@ -149,9 +148,9 @@ def test_two_task_job_completes_and_equals_torchrun(submit_job, demo, tmp_path, 
 
 
 @pytest.mark.slow
-def test_preempted_job_requeues_resumes_where_it_stopped_and_equals_torchrun(submit_job, demo, tmp_path,
+def test_preempted_job_requeues_resumes_where_it_stopped_and_equals_torchrun(submit_job, flat_images, tmp_path,
                                                                             torchrun_reference):
-    job = submit_job(tmp_path, "--data_path", demo / "small", "--epochs", EPOCHS, "--num_workers", 0)
+    job = submit_job(tmp_path, "--data_path", flat_images, "--epochs", EPOCHS, "--num_workers", 0)
     job.wait_for_line("Epoch [1] [ 8/16]", timeout=300)
     subprocess.run(["scancel", "--signal=USR2", job.id], check=True)
     info = job.wait(timeout=300)
@@ -166,12 +165,12 @@ def test_preempted_job_requeues_resumes_where_it_stopped_and_equals_torchrun(sub
 
 
 @pytest.mark.slow
-def test_job_at_its_time_limit_checkpoints_requeues_and_completes(submit_job, demo, tmp_path):
+def test_job_at_its_time_limit_checkpoints_requeues_and_completes(submit_job, flat_images, tmp_path):
     # SLURM signals 30 s, and up to 60 s more, before the 2-minute limit, so a run trains for 20 to 80 s. 160 epochs
     # take 2 to 4 minutes of compute on 2 shared cores (0.05 to 0.09 s per step, a data-loading worker per task):
     # at least one requeue, even on a faster machine.
     epochs = 160
-    job = submit_job(tmp_path, "--data_path", demo / "small", "--epochs", epochs, "--num_workers", 1,
+    job = submit_job(tmp_path, "--data_path", flat_images, "--epochs", epochs, "--num_workers", 1,
                      "--signal_delay_s", 30, timeout_min=2)
     info = job.wait(timeout=900)
     output = job.output()

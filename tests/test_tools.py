@@ -12,10 +12,11 @@ import timm
 import torch
 
 import models_lut
-from util.analysis import (FeatureSpectrum, attention_weights, denormalize, effective_rank, load_model,
-                           mean_attention_distance, predicted_pixels, reconstruction_rows)
+from runs import ROOT as REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tools"))
+from analysis import (FeatureSpectrum, attention_weights, denormalize, effective_rank, load_model,  # noqa: E402
+                      mean_attention_distance, predicted_pixels, reconstruction_rows)
 TOOLS = ("attention_distance", "spectrum", "reconstruct", "attention_maps", "export_timm")
 # A tiny LUT as the pre-training script builds it: 32 px images, 4 px patches, 2 blocks.
 TINY = dict(img_size=32, patch_size=4, depth=2)
@@ -37,11 +38,8 @@ def perturbed(model, seed):
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_demo_data.py"), "--out", str(out)],
-                   check=True, capture_output=True)
-    return out / "val"
+def demo_dir(demo):
+    return demo / "val"
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,12 @@
 """Behaviour of util/: lr rules and schedule, checkpoints, cross-rank BatchNorm, launcher mapping, logging."""
 import argparse
 import builtins
-import json
+import importlib
 import math
 import os
 import pickle
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -21,12 +22,14 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from runs import epoch_log
 from util import dist as dist_util
 from util.batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
-from util.checkpoint import (find_resume_checkpoint, load_checkpoint, normalize_pretrained, rng_state,
-                             save_checkpoint, set_rng_state)
-from util.logging import MetricLogger, append_json_log, create_tb_writer
+from util.checkpoint import (find_resume_checkpoint, load_checkpoint, normalize_pretrained, rng_state, save_checkpoint,
+                             save_epoch, save_training_state, set_rng_state)
+from util.logging import MetricLogger, NonFiniteLossError
 from util.lr_sched import adjust_learning_rate, effective_lr
+from util.run import check_run_args, open_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,15 +92,6 @@ def test_lr_rules_differ_away_from_the_reference_batch():
     sqrt = effective_lr(argparse.Namespace(lr=None, blr=1.5e-4, lr_scale="sqrt"), 256)
     linear = effective_lr(argparse.Namespace(lr=None, blr=1.5e-4, lr_scale="linear"), 256)
     assert sqrt == pytest.approx(1.5e-4 * 16 / 4) and linear == pytest.approx(1.5e-4)
-
-
-def test_absolute_lr_overrides_blr():
-    assert effective_lr(argparse.Namespace(lr=0.01, blr=1.5e-4, lr_scale="sqrt"), 4096) == 0.01
-
-
-def test_unknown_lr_rule_is_an_error():
-    with pytest.raises(ValueError, match="lr_scale"):
-        effective_lr(argparse.Namespace(lr=None, blr=1.5e-4, lr_scale="cubic"), 4096)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -176,11 +170,6 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
     assert f"while reading checkpoint {path}" in err.value.__notes__
 
 
-def test_missing_checkpoint_is_file_not_found(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        load_checkpoint(tmp_path / "nope.pth")
-
-
 def test_explicit_resume_wins_over_auto_resume(tmp_path):
     (tmp_path / "checkpoint-last.pth").touch()
     explicit = tmp_path / "checkpoint-10.pth"
@@ -193,11 +182,6 @@ def test_auto_resume_finds_last_checkpoint_only_when_enabled_and_present(tmp_pat
     (tmp_path / "checkpoint-last.pth").touch()
     assert find_resume_checkpoint(str(tmp_path), "", auto_resume=True) == str(tmp_path / "checkpoint-last.pth")
     assert find_resume_checkpoint(str(tmp_path), "", auto_resume=False) is None
-
-
-def test_missing_explicit_resume_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        find_resume_checkpoint(str(tmp_path), str(tmp_path / "nope.pth"), auto_resume=True)
 
 
 def _weights(prefix=""):
@@ -279,12 +263,6 @@ def test_convert_sync_batchnorm_keeps_keys_parameters_and_buffers():
     after = converted.state_dict()
     assert list(after) == ["projector." + k for k in before]
     assert all(torch.equal(before[k], after["projector." + k]) for k in before)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _head(c_in, three_d, bn):
@@ -399,10 +377,6 @@ def test_plain_process_is_not_distributed(monkeypatch):
     assert dist_util.all_reduce_mean(2.5) == 2.5
 
 
-def test_local_device_is_the_local_rank_gpu():
-    assert dist_util.local_device(argparse.Namespace(device="cuda", gpu=3)) == torch.device("cuda", 3)
-
-
 # ---------------------------------------------------------------- logging
 
 def test_metric_logger_prints_window_and_global_means(capsys):
@@ -441,16 +415,71 @@ def test_metric_logger_totals_carry_an_epoch_across_a_resume(capsys):
     assert f"({sum(values) / 7:.4f})" in capsys.readouterr().out.splitlines()[-2]  # the whole epoch's mean
 
 
-def test_json_log_appends_one_line_per_record(tmp_path):
-    append_json_log(str(tmp_path), {"epoch": 0, "train_loss": 0.5})
-    append_json_log(str(tmp_path), {"epoch": 1, "train_loss": 0.25})
-    lines = (tmp_path / "log.txt").read_text().splitlines()
-    assert [json.loads(line) for line in lines] == [{"epoch": 0, "train_loss": 0.5}, {"epoch": 1, "train_loss": 0.25}]
+def test_metric_logger_stops_on_a_non_finite_window_naming_the_iterations(capsys):
+    logger = MetricLogger(header="Epoch [2]", print_freq=3)
+    with pytest.raises(NonFiniteLossError, match=r"Epoch \[2\]: non-finite loss in the iterations up to 6 "
+                                                 r"\(loss inf, mim 0\.5\)"):
+        for i in logger.log_every(range(9)):
+            logger.update(loss=torch.tensor(float("inf") if i == 4 else 1.0), mim=torch.tensor(0.5))
+    assert capsys.readouterr().out.count("Epoch [2] [3/9]") == 1  # the first window was printed
 
 
-def test_tensorboard_writer_on_rank_zero_only_with_a_log_dir(tmp_path):
-    writer = create_tb_writer(str(tmp_path / "tb"))
-    writer.add_scalar("train/loss", 1.0, 0)
-    writer.close()
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb"))
-    assert create_tb_writer(None) is None
+class Scalars:
+    def __init__(self):
+        self.logged = []
+
+    def add_scalar(self, tag, value, step):
+        self.logged.append((tag, value, step))
+
+
+def test_metric_logger_logs_window_means_against_epoch_1000x():
+    writer = Scalars()
+    logger = MetricLogger(print_freq=2, total_iters=4, epoch=3, log_writer=writer, tb_prefix="train_")
+    for i in logger.log_every(range(4)):
+        logger.update(loss=torch.tensor(float(i)))
+        logger.set(lr=0.1 * i)
+    assert writer.logged == [("train_loss", 0.5, 3500), ("lr", 0.1, 3500),
+                             ("train_loss", 2.5, 4000), ("lr", pytest.approx(0.3), 4000)]
+
+
+# ---------------------------------------------------------------- run flags and epoch outputs
+
+@pytest.mark.parametrize("script", ["main_pretrain", "main_finetune", "main_linprobe", "main_knn"])
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--print_freq", "0"], "--print_freq must be at least 1, got 0"),
+    (["--save_freq", "0"], "--save_freq must be at least 1, got 0"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs must not be negative, got -1"),
+    (["--resume", "."], "--resume . is not a checkpoint file"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
+])
+def test_bad_run_flags_are_refused_before_anything_is_built(script, flags, message):
+    parser = importlib.import_module(script).get_args_parser()
+    known = {a for action in parser._actions for a in action.option_strings}
+    if flags[0] not in known:
+        pytest.skip(f"{script} has no {flags[0]}")
+    args = parser.parse_args(["--data_path", "x", "--device", "cpu", *flags])
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        check_run_args(args)
+
+
+def test_epoch_outputs_of_a_run_killed_after_checkpoint_last_are_completed_once(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path), log_dir=None, steps_per_epoch=2, epochs=4, save_freq=2,
+                              model="linear")
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    save_epoch(args, model, optimizer, scaler, 0, 2, None, None, {"loss": 1.0}, {"acc1": 50.0}, is_best=True)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    # Epoch 1 is the best and a --save_freq epoch; the run dies right after writing its checkpoint-last.pth.
+    record = {"train_loss": 0.5, "test_acc1": 60.0, "epoch": 1, "n_parameters": 3}
+    save_training_state(str(tmp_path / "checkpoint-last.pth"), args, model, optimizer, scaler, 1, 2,
+                        log_record=record, best_epoch=1)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-best.pth", "checkpoint-last.pth", "log.txt"]
+    for _ in range(2):  # the restart completes the epoch's outputs, and a second restart changes nothing
+        open_outputs(args, load_checkpoint(tmp_path / "checkpoint-last.pth")).close()
+    assert [r["epoch"] for r in epoch_log(tmp_path)] == [0, 1] and epoch_log(tmp_path)[1] == record
+    for name in ("checkpoint-1.pth", "checkpoint-best.pth"):
+        assert torch.equal(load_checkpoint(tmp_path / name)["model"]["weight"], model.weight)
+    assert not list(tmp_path.glob("*.tmp"))

@@ -20,9 +20,9 @@ import torch
 # Run as a script from anywhere: the project root holds models_lut and util.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.analysis import (add_common_args, attention_weights, block_inputs, check_common_args, checkpoint_runs,
-                           image_batches, load_model, mean_attention_distance, pick_images, require_matplotlib,
-                           save_figure, summary_writer)
+from analysis import (add_common_args, attention_weights, block_inputs, check_common_args, checkpoint_runs,
+                      image_batches, load_model, mean_attention_distance, pick_images, require_matplotlib,
+                      save_figure, summary_writer)
 
 
 def get_args_parser():

@@ -19,9 +19,9 @@ import torch
 # Run as a script from anywhere: the project root holds models_lut and util.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.analysis import (add_common_args, attention_weights, block_inputs, check_common_args, checkpoint_runs,
-                           denormalize, enlarge, heatmap, image_batches, load_model, pick_images, save_images,
-                           summary_writer)
+from analysis import (add_common_args, attention_weights, block_inputs, check_common_args, checkpoint_runs,
+                      denormalize, enlarge, heatmap, image_batches, load_model, pick_images, save_images,
+                      summary_writer)
 
 QUERY_FRAME = (0.0, 1.0, 1.0)  # cyan: visible on the map colours and on most photos
 

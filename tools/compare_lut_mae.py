@@ -5,7 +5,7 @@
         --epochs 200 --batch_size 256 --probe_epochs 90 --launcher "torchrun --nproc_per_node=8" --output_dir out/cmp
 
 The paper's claim (LUT's features beat MAE's at equal pre-training epochs) checked at whatever scale you can afford.
-Both methods get the same images, seed, epochs, batch, input size, mask ratio and lr rule (each its own SPEC default
+Both methods get the same images, seed, epochs, batch, input size, mask ratio and lr rule (each its own default
 otherwise); each then runs main_knn.py with CLS-token and mean-patch-token features and main_linprobe.py with each.
 Every step is an ordinary run of the training scripts (printed before it starts) in output_dir/<method>/..., so an
 interrupted comparison resumes where it stopped. The table is printed and written to output_dir/results.json.
@@ -37,9 +37,9 @@ def get_args_parser():
     parser.add_argument("--warmup_epochs", default=2, type=int, help="pre-training warm-up epochs")
     parser.add_argument("--batch_size", default=64, type=int, help="pre-training images per process")
     parser.add_argument("--blr", default=1.5e-3, type=float,
-                        help="pre-training base lr (SPEC's 1.5e-4 is for effective batch 4096 and 1600 epochs; "
+                        help="pre-training base lr (the recipes' 1.5e-4 is for effective batch 4096 and 1600 epochs; "
                              "short runs on small data learn faster with more)")
-    parser.add_argument("--head_mlp_dim", default=1024, type=int, help="LUT projector / predictor width (SPEC: 4096)")
+    parser.add_argument("--head_mlp_dim", default=1024, type=int, help="LUT projector / predictor width (the recipes: 4096)")
     parser.add_argument("--probe_epochs", default=10, type=int)
     parser.add_argument("--probe_batch_size", default=64, type=int)
     parser.add_argument("--probe_lr", default=5.0, type=float,

@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_lut
-from util.analysis import load_model
+from analysis import load_model
 from util.pretrained import ENCODER_PREFIXES
 # Our evaluation view (util.augment.eval_transform): bicubic resize to input / 0.875, centre crop, ImageNet mean/std.
 DATA_CONFIG = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875, interpolation="bicubic")

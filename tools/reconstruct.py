@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models_lut import random_masking
-from util.analysis import (add_common_args, check_common_args, enlarge, image_batches, load_model, pick_images,
-                           reconstruction_rows, save_images, summary_writer)
+from analysis import (add_common_args, check_common_args, enlarge, image_batches, load_model, pick_images,
+                      reconstruction_rows, save_images, summary_writer)
 
 
 def get_args_parser():

@@ -22,9 +22,9 @@ import torch
 # Run as a script from anywhere: the project root holds models_lut and util.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from util.analysis import (FeatureSpectrum, add_common_args, check_common_args, checkpoint_runs, effective_rank,
-                           image_batches, load_model, pick_images, require_matplotlib, save_figure,
-                           summary_writer)
+from analysis import (FeatureSpectrum, add_common_args, check_common_args, checkpoint_runs, effective_rank,
+                      image_batches, load_model, pick_images, require_matplotlib, save_figure,
+                      summary_writer)
 
 FEATURES = {"pooled": "mean of patch tokens, per image", "tokens": "patch tokens"}
 

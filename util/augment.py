@@ -1,4 +1,4 @@
-"""Image augmentations for pre-training (SPEC §5) and evaluation.
+"""Image augmentations for pre-training (docs/method.md, section 5) and evaluation.
 
 All transforms take an RGB PIL image and return float tensors [3, input_size, input_size] normalised with the
 ImageNet mean/std. Every random choice draws from torch's global CPU RNG (never python's `random`), so
@@ -48,7 +48,7 @@ class GaussianBlur:
 
 
 class LUTTwoViews:
-    """The two LUT views of one image (SPEC §5).
+    """The two LUT views of one image (docs/method.md, section 5).
 
     Both views: resize the shorter side to `input_size`, random crop with 4-pixel reflect padding, horizontal flip —
     LUT deliberately avoids RandomResizedCrop. View 1 stays photometrically clean because it is also the

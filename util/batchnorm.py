@@ -6,21 +6,17 @@ load into either.
 """
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
-
-
-def _all_reduce_sum(x):
-    """Differentiable sum over ranks; its backward sums the gradients over ranks, as torch's SyncBatchNorm does."""
-    return funcol.wait_tensor(funcol.all_reduce(x, "sum", dist.group.WORLD))
+from torch.distributed.nn.functional import all_reduce
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):
     """nn.BatchNorm1d on [N, C] or [N, C, L] whose training-mode mean / var are those of the batch of all ranks.
 
     With no process group (or one rank), in eval mode, or with running stats in eval, it is exactly nn.BatchNorm1d.
-    Gradients follow torch.nn.SyncBatchNorm: the input gradient on each rank is that of the sum of all ranks' losses,
-    so parameters averaged by DDP get the gradient of the mean loss, as one process with the global batch would.
+    Gradients follow torch.nn.SyncBatchNorm (the differentiable all_reduce sums them over ranks in backward): the
+    input gradient on each rank is that of the sum of all ranks' losses, so parameters averaged by DDP get the
+    gradient of the mean loss, as one process with the global batch would.
     """
 
     def forward(self, x):
@@ -33,7 +29,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         # Half-precision inputs are normalised in float32, like torch's batch norm kernels do.
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         local_count = xf.new_tensor([xf.numel() // xf.shape[1]])
-        sums = _all_reduce_sum(torch.cat([xf.sum(dims), local_count]))
+        sums = all_reduce(torch.cat([xf.sum(dims), local_count]))
         count = sums[-1]
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
@@ -41,7 +37,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         mean = sums[:-1] / count
         centered = xf - mean.view(shape)
         # Two passes (mean, then squared deviations) avoid the cancellation of E[x^2] - E[x]^2.
-        var = _all_reduce_sum((centered * centered).sum(dims)) / count
+        var = all_reduce((centered * centered).sum(dims)) / count
         if self.training and self.track_running_stats:
             self._update_running_stats(mean.detach(), var.detach(), count)
         y = centered * torch.rsqrt(var + self.eps).view(shape)

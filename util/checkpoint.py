@@ -1,15 +1,20 @@
-"""Checkpoints: crash-safe saving, safe (weights_only) loading, pre-trained weight extraction, RNG state.
+"""Checkpoints: crash-safe saving, safe (weights_only) loading, training state in and out, RNG state.
 
-A checkpoint is a dict of tensors and plain Python values (SPEC §6), so torch.load(weights_only=True) reads it.
+A checkpoint is a dict of tensors and plain Python values (docs/method.md, "Checkpoints"), so
+torch.load(weights_only=True) reads it.
 """
 import argparse
+import json
 import os
 import pickle
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
+
+from util.dist import barrier, is_main_process
 
 # Prefixes that wrappers put in front of parameter names: DDP ('module.') and the LUT authors' EMA teacher ('ema.').
 _WRAPPER_PREFIXES = ("module.", "ema.")
@@ -64,6 +69,114 @@ def find_resume_checkpoint(output_dir, resume, auto_resume):
     if auto_resume and last and os.path.isfile(last):
         return last
     return None
+
+
+def save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals=None, **extra):
+    """Write a resumable checkpoint on rank 0 (every rank calls it and waits for the file).
+
+    model: unwrapped; epoch_step: optimizer steps of `epoch` done (args.steps_per_epoch = the epoch is complete);
+    totals: the epoch's logger totals, kept when saving mid-epoch so the resumed run's epoch means cover the whole
+    epoch; extra: more entries (model_ema, max_accuracy, ...).
+    """
+    if is_main_process():
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "epoch": epoch, "epoch_step": epoch_step, "rng": rng_state(), "args": vars(args), **extra}
+        if epoch_step < args.steps_per_epoch:
+            state["epoch_totals"] = totals
+        save_checkpoint(state, path)
+    barrier()
+
+
+def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_writer, train_stats, test_stats=None,
+               is_best=False, **extra):
+    """Save output_dir/checkpoint-last.pth after training (part of) `epoch`; every rank calls it.
+
+    Stopped mid-epoch (epoch_step < args.steps_per_epoch), it holds the position. At the end of the epoch it also
+    holds the epoch's log record (train_<name>, test_<name>, epoch, n_parameters), from which finish_epoch then
+    writes the epoch's other outputs. extra: more checkpoint entries (model_ema, max_accuracy, ...).
+    """
+    path = os.path.join(args.output_dir, "checkpoint-last.pth")
+    if epoch_step < args.steps_per_epoch:
+        save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals, **extra)
+        return
+    record = {**{f"train_{k}": v for k, v in train_stats.items()},
+              **{f"test_{k}": v for k, v in (test_stats or {}).items()}, "epoch": epoch,
+              "n_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, log_record=record, **extra)
+    finish_epoch(args, record, is_best, log_writer)
+
+
+def finish_epoch(args, record, is_best, log_writer):
+    """The outputs of a finished epoch, after its checkpoint-last.pth is written: checkpoint-<epoch>.pth (every
+    --save_freq epochs and after the last), checkpoint-best.pth (`is_best`), TensorBoard scalars and the log.txt
+    line `record` (numbers by name, with its "epoch"). Every rank calls it; rank 0 writes.
+
+    The checkpoints are copies of checkpoint-last.pth, and the scalars and the log line are written unless log.txt
+    already has the epoch (the line comes last), so a restarted run that calls it again with the checkpoint's
+    `log_record` completes the outputs of a run killed in between.
+    """
+    epoch = record["epoch"]
+    if is_main_process():
+        last = os.path.join(args.output_dir, "checkpoint-last.pth")
+        names = ["checkpoint-best.pth"] if is_best else []
+        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+            names.append(f"checkpoint-{epoch}.pth")
+        for name in names:
+            copy_file(last, os.path.join(args.output_dir, name))
+        log_path = os.path.join(args.output_dir, "log.txt")
+        logged = []
+        if os.path.exists(log_path):
+            with open(log_path) as f:
+                logged = [json.loads(line).get("epoch") for line in f if line.strip()]
+        if epoch not in logged:
+            if log_writer is not None:
+                for name, value in record.items():
+                    log_writer.add_scalar(f"epoch/{name}", value, epoch)
+                log_writer.flush()
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+    barrier()
+
+
+def copy_file(src, dst):
+    """Copy src to dst atomically: dst is either its old self or a complete copy, whenever the process dies."""
+    shutil.copyfile(src, dst + ".tmp")
+    os.replace(dst + ".tmp", dst)
+
+
+def load_training_state(path, args, model, optimizer, scaler, teacher=None):
+    """Resume from a checkpoint of the same script: weights (and the teacher's), optimizer, scaler, RNG state.
+
+    Returns (start_epoch, start_step, totals, checkpoint): a checkpoint written mid-epoch resumes at its step with
+    the logger totals of the epoch's first part, an end-of-epoch one at the next epoch; path None starts afresh.
+    """
+    if path is None:
+        return 0, 0, None, {}
+    ckpt = load_checkpoint(path)
+    saved = ckpt.get("args") or {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    if saved.get("model", args.model) != args.model:
+        raise SystemExit(f"{path} was trained as {saved['model']}, not --model {args.model}; "
+                         f"use another --output_dir or --no_auto_resume")
+    model.load_state_dict(ckpt["model"])
+    if teacher is not None:
+        teacher.load_state_dict(ckpt["model_ema"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    epoch, done = ckpt["epoch"], ckpt.get("epoch_step", args.steps_per_epoch)
+    if done >= args.steps_per_epoch:
+        print(f"Resumed from {path}: epoch {epoch} complete")
+        return epoch + 1, 0, None, ckpt
+    eff = args.batch_size * args.accum_iter * args.world_size
+    saved_eff = saved.get("batch_size", 0) * saved.get("accum_iter", 0) * saved.get("world_size", 0)
+    if saved_eff != eff:
+        raise SystemExit(f"{path} stopped mid-epoch with effective batch {saved_eff}; resuming it needs the same "
+                         f"batch size x accum_iter x world size (now {eff})")
+    print(f"Resumed from {path}: epoch {epoch}, step {done}/{args.steps_per_epoch}")
+    return epoch, done, ckpt.get("epoch_totals"), ckpt
 
 
 def normalize_pretrained(ckpt, key="model"):

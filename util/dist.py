@@ -5,6 +5,7 @@ import subprocess
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 _builtin_print = builtins.print
 
@@ -75,6 +76,13 @@ def local_device(args):
     if args.device.startswith("cuda"):
         return torch.device("cuda", args.gpu)
     return torch.device(args.device)
+
+
+def wrap_ddp(model, args, device):
+    """`model` in DistributedDataParallel when the run is distributed, else `model` itself."""
+    if not args.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def autocast(device, amp):

@@ -1,6 +1,7 @@
-"""Training logs: a console MetricLogger that does not sync the GPU every step, TensorBoard, and a JSON-lines file."""
+"""Training logs: a console MetricLogger that does not sync the GPU every step and stops on non-finite losses,
+TensorBoard, and a JSON-lines file."""
 import datetime
-import json
+import math
 import os
 import resource
 import time
@@ -18,31 +19,42 @@ def max_memory_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KB
 
 
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
 class MetricLogger:
     """Averages scalars over iterations and prints one line every `print_freq` iterations (and at the last one).
 
     update(loss=t) adds device tensors without .item(), so the GPU is synchronised only when a line is printed; the
-    averages since the last line are then averaged over ranks. set(lr=x) records a value shown as is (lr, momentum).
+    averages since the last line are then averaged over ranks, checked to be finite and, with a `log_writer`, written
+    to TensorBoard as `<tb_prefix><name>` against epoch_1000x (MAE's x-axis). set(lr=x) records a value shown and
+    logged as is (lr, momentum).
 
-        logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=20)
+        logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=20, epoch=epoch)
         for batch in logger.log_every(loader, images_per_iter=batch_size * world_size):
             ...
-            logger.update(loss=loss.detach(), mim=mim.detach())
+            logger.update(loss=loss, mim=mim)
             logger.set(lr=lr)
         stats = logger.summary()  # {'loss': epoch mean over ranks, ..., 'lr': last}
 
+    A non-finite average raises NonFiniteLossError on every rank before anything else happens, so a diverged run
+    stops at the next print without writing a checkpoint.
     totals: what totals() returned for the first part of an epoch (saved in a mid-epoch checkpoint), so that after a
     resume the epoch means cover the whole epoch, not only the part after the resume.
     """
 
-    def __init__(self, delimiter="  ", print_freq=20, header="", total_iters=None, totals=None):
-        self.delimiter, self.print_freq, self.header, self.total_iters = delimiter, print_freq, header, total_iters
+    def __init__(self, header="", print_freq=20, total_iters=None, totals=None, epoch=0, log_writer=None,
+                 tb_prefix=""):
+        self.header, self.print_freq, self.total_iters = header, print_freq, total_iters
+        self.epoch, self.log_writer, self.tb_prefix = epoch, log_writer, tb_prefix
         self._window = {}  # name -> sum of values since the last print (tensor or float)
         self._window_count = {}
         self._total = dict(totals["sum"]) if totals else {}  # name -> sum over flushed windows of mean * count
         self._total_count = dict(totals["count"]) if totals else {}
         self._last_avg = {}
         self._values = {}
+        self._iter = 0
 
     def update(self, **values):
         """Add one observation per name: a 0-d tensor (any device, kept there) or a number."""
@@ -57,7 +69,7 @@ class MetricLogger:
         self._values.update({name: float(v) for name, v in values.items()})
 
     def _flush(self):
-        """Average the window over ranks (one collective, one host sync) and fold it into the totals."""
+        """Average the window over ranks (one collective, one host sync), check it and fold it into the totals."""
         names = [n for n in self._window if self._window_count[n]]
         if not names:
             return
@@ -65,6 +77,10 @@ class MetricLogger:
         means = torch.stack([torch.as_tensor(self._window[n] / self._window_count[n], dtype=torch.float64,
                                              device=device) for n in names])
         means = all_reduce_mean(means).tolist()
+        if not all(math.isfinite(m) for m in means):
+            terms = ", ".join(f"{n} {m:.4g}" for n, m in zip(names, means))
+            raise NonFiniteLossError(f"{self.header}: non-finite loss in the iterations up to {self._iter} ({terms}); "
+                                     f"stopping without saving, the last checkpoint is untouched")
         for name, mean in zip(names, means):
             count = self._window_count[name]
             self._total[name] = self._total.get(name, 0.0) + mean * count
@@ -98,6 +114,7 @@ class MetricLogger:
             yield item
             window_iters += 1
             done += 1
+            self._iter = i + 1
             if (i + 1) % self.print_freq == 0 or i + 1 == total:
                 self._flush()  # waits for the GPU, so the window's wall time is the true compute time
                 now = time.time()
@@ -111,7 +128,12 @@ class MetricLogger:
                     parts.append(f"img/s {images_per_iter / iter_time:.1f}")
                 parts += [f"time {iter_time:.3f}", f"data {data_time / window_iters:.3f}",
                           f"mem {max_memory_mb():.0f}MB"]
-                print(self.delimiter.join(parts), flush=True)
+                print("  ".join(parts), flush=True)
+                if self.log_writer is not None:
+                    epoch_1000x = int(1000 * (self.epoch + (i + 1) / total))
+                    for name, value in {**{self.tb_prefix + n: v for n, v in self._last_avg.items()},
+                                        **self._values}.items():
+                        self.log_writer.add_scalar(name, value, epoch_1000x)
                 window_start, data_time, window_iters = now, 0.0, 0
             end = time.time()
         total_time = time.time() - start
@@ -125,11 +147,3 @@ def create_tb_writer(log_dir):
         return None
     os.makedirs(log_dir, exist_ok=True)
     return SummaryWriter(log_dir=log_dir)
-
-
-def append_json_log(output_dir, record):
-    """Append `record` (numbers and strings) as one JSON line to output_dir/log.txt, on rank 0 only."""
-    if not output_dir or not is_main_process():
-        return
-    with open(os.path.join(output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(record) + "\n")

@@ -1,5 +1,26 @@
-"""Learning-rate rules: the lr from --blr and the effective batch, and the per-iteration warm-up + cosine schedule."""
+"""Learning-rate rules: the schedule flags, the lr from --blr and the effective batch, and the per-iteration
+warm-up + cosine schedule."""
 import math
+
+LR_RULES = {"sqrt": "blr * sqrt(eff) / {divisor}", "linear": "blr * eff / 256"}
+
+
+def add_schedule_args(parser, sqrt_divisor, **defaults):
+    """The optimisation flags of a training script; `defaults` (batch_size=..., epochs=..., ...) are its recipe."""
+    group = parser.add_argument_group("schedule")
+    group.add_argument("--batch_size", type=int, help="images per GPU (effective batch = batch_size * accum_iter "
+                                                      "* world size)")
+    group.add_argument("--epochs", type=int)
+    group.add_argument("--accum_iter", default=1, type=int, help="micro-batches per optimizer step")
+    group.add_argument("--lr", default=None, type=float, help="absolute lr (overrides --blr)")
+    group.add_argument("--blr", type=float, help="base lr, scaled by the effective batch per --lr_scale")
+    group.add_argument("--lr_scale", choices=sorted(LR_RULES),
+                       help=f"sqrt: {LR_RULES['sqrt'].format(divisor=sqrt_divisor)} (LUT authors); "
+                            f"linear: {LR_RULES['linear']} (MAE)")
+    group.add_argument("--min_lr", type=float, help="lr at the end of the cosine")
+    group.add_argument("--warmup_epochs", type=int, help="linear warm-up from 0")
+    group.add_argument("--weight_decay", type=float)
+    parser.set_defaults(sqrt_divisor=sqrt_divisor, **defaults)
 
 
 def effective_lr(args, eff_batch, divisor=4):
@@ -15,6 +36,16 @@ def effective_lr(args, eff_batch, divisor=4):
     if args.lr_scale == "linear":
         return args.blr * eff_batch / 256
     raise ValueError(f"--lr_scale must be 'sqrt' or 'linear', got {args.lr_scale!r}")
+
+
+def set_lr(args):
+    """Set args.lr from the flags and the effective batch of this run, and print how it was derived."""
+    eff_batch = args.batch_size * args.accum_iter * args.world_size
+    given = args.lr is not None
+    args.lr = effective_lr(args, eff_batch, args.sqrt_divisor)
+    rule = "--lr" if given else LR_RULES[args.lr_scale].format(divisor=args.sqrt_divisor) + f" with blr {args.blr:.3e}"
+    print(f"effective batch {eff_batch} = {args.batch_size} x {args.accum_iter} accum x {args.world_size} ranks; "
+          f"lr {args.lr:.3e} ({rule})")
 
 
 def adjust_learning_rate(optimizer, epoch, args):

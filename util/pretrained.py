@@ -4,16 +4,38 @@ Accepted files (all read with util.checkpoint.load_checkpoint, i.e. torch.load(w
 (`model` = student, `model_ema` = teacher), the LUT authors' (teacher keys prefixed `ema.`, args an
 argparse.Namespace) and MAE's released checkpoints (`{'model': ...}`).
 """
+import os
+
 from timm.layers import resample_abs_pos_embed
 
+import models_vit
 from util.checkpoint import load_checkpoint, normalize_pretrained
 
-# The encoder's keys (SPEC §1); the rest of a pre-training checkpoint (decoder_*, mask_token, the LUT projector
-# `head.*` and `predictor.*`) is not part of the classifier.
+# The encoder's keys (docs/method.md, "State-dict keys"); the rest of a pre-training checkpoint (decoder_*,
+# mask_token, the LUT projector `head.*` and `predictor.*`) is not part of the classifier.
 ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 # What a classifier may lack from a pre-trained encoder: its new classification head and, with global average
 # pooling, the LayerNorm after pooling that MAE's recipe trains from scratch.
 NEW_PREFIXES = ("head.", "fc_norm.")
+
+
+def add_encoder_args(parser):
+    """The flags of the scripts that evaluate a pre-trained encoder: architecture, input and the weights."""
+    group = parser.add_argument_group("encoder")
+    group.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS))
+    group.add_argument("--input_size", default=224, type=int)
+    group.add_argument("--patch_size", default=16, type=int)
+    group.add_argument("--finetune", default="", metavar="PATH",
+                       help="pre-training checkpoint (ours, the LUT authors' or MAE's); none = random weights")
+    group.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"],
+                       help="'model' (the student; what the LUT authors fine-tune) or 'model_ema' (the LUT teacher)")
+
+
+def check_encoder_args(args):
+    if args.input_size % args.patch_size:
+        raise SystemExit(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
+    if args.finetune and not os.path.isfile(args.finetune):
+        raise SystemExit(f"--finetune checkpoint not found: {args.finetune}")
 
 
 def encoder_state_dict(ckpt, checkpoint_key="model"):
