@@ -1,5 +1,6 @@
-# Two commands: `make demo` (a short LUT pre-training on the built-in demo data) and `make test`.
-# Both create ./.venv on first use. TORCH pins the wheels installed first; override it for your CUDA, e.g.
+# `make demo` (a short LUT pre-training on the built-in demo data), `make test` (the fast tests), `make test-all`
+# (with the slow end-to-end and SLURM tests; what CI runs). Each creates ./.venv on first use. TORCH pins the wheels
+# installed first; override it for your CUDA, e.g.
 #   make demo TORCH="torch torchvision"
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= output_dir/demo_lut
 
-.PHONY: demo test clean-demo
+.PHONY: demo test test-all gpu-check clean-demo
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +26,18 @@ demo: $(VENV)/.installed
 	@$(PY) -c "import json; [print(' epoch', r['epoch'], 'loss %.4f  mim %.4f  bc %.4f' % (r['train_loss'], r['train_mim'], r['train_bc'])) for r in map(json.loads, open('$(DEMO_OUT)/log.txt'))]"
 
 test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# On a CUDA machine: the CUDA tests, then the ViT-B/16 benchmark (LUT and MAE, batch 128, bf16, eager and compiled);
+# a few minutes on one H100 / H200. Without CUDA the tests are skipped and the benchmark is not run.
+gpu-check: $(VENV)/.installed
+	$(PY) -m pytest -q tests/test_gpu.py
+	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		$(PY) tools/benchmark.py --model lut_vit_base_patch16 --batch_size 128 --device cuda --amp bf16 --compile; \
+	else echo "gpu-check: no CUDA device, so the CUDA tests were skipped and the GPU benchmark did not run"; fi
 
 clean-demo:
 	rm -rf data/demo $(DEMO_OUT)

@@ -238,7 +238,9 @@ def test_attention_maps_tool_writes_one_png_per_image(tmp_path, demo_dir, checkp
 
 
 def test_tools_run_as_scripts_from_any_folder(tmp_path):
+    # As `python tools/<name>.py` from another folder: the script's folder first on sys.path, the repository not.
     script = ("import runpy, sys\n"
+              f"sys.path[0] = {REPO!r} + '/tools'\n"
               f"for name in {TOOLS!r}:\n"
               f"    sys.argv = [name, '--help']\n"
               "    try:\n"

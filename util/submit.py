@@ -4,11 +4,10 @@ submitit_pretrain.py, submitit_finetune.py and submitit_linprobe.py each call `s
 script's module name. The job runs `entry.main(args)` on every task, the rank layout coming from SLURM.
 
 Surviving the time limit and preemption: SLURM sends SIGUSR2 `--signal_delay_s` seconds before the time limit (and
-at preemption, or on `scancel --signal=USR2`). main_pretrain.py then stops at an optimizer step all ranks agree on,
-writes output_dir/checkpoint-last.pth with the data position and hands over to submitit's handler, which calls
-Trainer.checkpoint() and requeues the job under the same job id. The requeued job runs the same arguments, so it
-auto-resumes from that file. Entry scripts without their own SIGUSR2 handling requeue at once and resume from the
-last checkpoint-last.pth they wrote.
+at preemption, or on `scancel --signal=USR2`). The three training scripts then stop at an optimizer step all ranks
+agree on (util/preemption.py), write output_dir/checkpoint-last.pth with the data position and hand over to
+submitit's handler, which calls Trainer.checkpoint() and requeues the job under the same job id. The requeued job
+runs the same arguments, so it auto-resumes from that file.
 """
 import argparse
 import copy
