@@ -2,9 +2,12 @@
 # (with the slow end-to-end and SLURM tests; what CI runs). Each creates ./.venv on first use. TORCH pins the wheels
 # installed first; override it for your CUDA, e.g.
 #   make demo TORCH="torch torchvision"
+# or use a Python environment you already have (nothing is installed then):
+#   make test PY=python
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
+PY ?= $(VENV)/bin/python
+INSTALL := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= output_dir/demo_lut
 
@@ -16,7 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(INSTALL)
 	$(PY) tools/make_demo_data.py --out data/demo
 	$(PY) main_pretrain.py --model lut_vit_tiny_patch16 --data_path data/demo --input_size 32 --patch_size 4 \
 		--batch_size 64 --epochs 3 --warmup_epochs 1 --blr 1.5e-3 --head_mlp_dim 1024 --num_workers 2 \
@@ -25,15 +28,15 @@ demo: $(VENV)/.installed
 	@echo "Loss per epoch (from $(DEMO_OUT)/log.txt):"
 	@$(PY) -c "import json; [print(' epoch', r['epoch'], 'loss %.4f  mim %.4f  bc %.4f' % (r['train_loss'], r['train_mim'], r['train_bc'])) for r in map(json.loads, open('$(DEMO_OUT)/log.txt'))]"
 
-test: $(VENV)/.installed
+test: $(INSTALL)
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: $(VENV)/.installed
+test-all: $(INSTALL)
 	$(PY) -m pytest -q
 
 # On a CUDA machine: the CUDA tests, then the ViT-B/16 benchmark (LUT and MAE, batch 128, bf16, eager and compiled);
 # a few minutes on one H100 / H200. Without CUDA the tests are skipped and the benchmark is not run.
-gpu-check: $(VENV)/.installed
+gpu-check: $(INSTALL)
 	$(PY) -m pytest -q tests/test_gpu.py
 	@if $(PY) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		$(PY) tools/benchmark.py --model lut_vit_base_patch16 --batch_size 128 --device cuda --amp bf16 --compile; \

@@ -8,7 +8,7 @@ import torch
 from timm.utils import accuracy
 
 from util.checkpoint import load_training_state, save_epoch
-from util.datasets import ResumableDistributedSampler, build_imagefolder, check_images, rank_shard
+from util.datasets import ResumableDistributedSampler, build_imagefolder, check_images, check_unreadable, rank_shard
 from util.dist import all_reduce_sum, autocast, wrap_ddp
 from util.logging import MetricLogger
 from util.lr_sched import adjust_learning_rate
@@ -32,7 +32,7 @@ def check_data_args(args):
 def build_datasets(args, train_transform, val_transform):
     """(train, val) ImageFolders of args.data_path; sets args.nb_classes. Fails with a clear message on bad data."""
     try:
-        train = build_imagefolder(args.data_path, "train", train_transform)
+        train = build_imagefolder(args.data_path, "train", train_transform, training=True)
         val = build_imagefolder(args.data_path, "val", val_transform)
         check_images([path for path, _ in train.samples])
     except (OSError, ValueError) as e:
@@ -112,7 +112,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
             step += 1
             if should_stop(epoch * args.steps_per_epoch + step):
                 break
-    return logger.summary(), step, logger.totals()
+    unreadable = check_unreadable(data_loader.dataset, (step - start_step) * accum * args.batch_size * args.world_size,
+                                  args.max_unreadable)
+    return {**logger.summary(), "unreadable_images": unreadable}, step, logger.totals()
 
 
 @torch.no_grad()
@@ -160,7 +162,7 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, ckp
     start_epoch, start_step, totals, ckpt = load_training_state(ckpt_path, args, model, optimizer, scaler)
     best = dict(max_accuracy=ckpt.get("max_accuracy", 0.0), best_epoch=ckpt.get("best_epoch"))
     ddp_model = wrap_ddp(model, args, device)
-    log_writer, preemption = open_outputs(args, ckpt), PreemptionHandler(check_every=args.print_freq)
+    log_writer, preemption = open_outputs(args, ckpt_path, ckpt), PreemptionHandler(check_every=args.print_freq)
     dist_eval = args.dist_eval and args.distributed
 
     print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")

@@ -11,6 +11,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from models_lut import bc_loss, lut_loss
+from util.datasets import check_unreadable
 from util.dist import autocast
 from util.ema import momentum_at, update_teacher
 from util.lr_sched import adjust_learning_rate
@@ -112,4 +113,6 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
             step += 1
             if should_stop(global_step + 1):
                 break
-    return logger.summary(), step, logger.totals()
+    unreadable = check_unreadable(data_loader.dataset, (step - start_step) * accum * args.batch_size * args.world_size,
+                                  args.max_unreadable)
+    return {**logger.summary(), "unreadable_images": unreadable}, step, logger.totals()

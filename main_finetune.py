@@ -26,7 +26,8 @@ from util.augment import eval_transform
 from util.checkpoint import find_resume_checkpoint, load_checkpoint
 from util.lr_sched import add_schedule_args, set_lr
 from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
-from util.run import add_run_args, seed_everything, start_run
+from util.rng import seed_everything
+from util.run import add_run_args, lock_output_dir, start_run
 
 # The ViT-B recipes of the LUT authors and of MAE differ only in the lr rule, base lr and layer decay.
 RECIPES = {
@@ -147,6 +148,8 @@ def main(args):
     """Fine-tune (or with --eval only evaluate) as `args` describes."""
     device = start_run(args)
     check_args(args)
+    if not args.eval:
+        lock_output_dir(args.output_dir)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own augmentations; DDP copies rank 0's initial weights
     train_set, val_set = build_datasets(args, train_transform(args), eval_transform(args.input_size))

@@ -16,7 +16,8 @@ import models_vit
 from util.dist import destroy_distributed, is_main_process
 from util.knn import KNNEvaluator
 from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
-from util.run import add_run_args, seed_everything, start_run
+from util.rng import seed_everything
+from util.run import add_run_args, start_run
 
 
 def get_args_parser():

@@ -26,7 +26,8 @@ from util.checkpoint import find_resume_checkpoint, load_checkpoint
 from util.lars import LARS
 from util.lr_sched import add_schedule_args, set_lr
 from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
-from util.run import add_run_args, seed_everything, start_run
+from util.rng import seed_everything
+from util.run import add_run_args, lock_output_dir, start_run
 
 
 def get_args_parser():
@@ -66,6 +67,8 @@ def main(args):
     device = start_run(args)
     check_encoder_args(args)
     check_data_args(args)
+    if not args.eval:
+        lock_output_dir(args.output_dir)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own crops
     train_transform = T.Compose([

@@ -24,7 +24,8 @@ from util.dist import wrap_ddp
 from util.knn import KNNEvaluator
 from util.lr_sched import add_schedule_args, set_lr
 from util.preemption import PreemptionHandler
-from util.run import add_run_args, end_run, open_outputs, seed_everything, start_run
+from util.rng import seed_everything
+from util.run import add_run_args, end_run, lock_output_dir, open_outputs, start_run
 
 
 def get_args_parser():
@@ -77,6 +78,10 @@ def check_args(args):
     if is_lut and args.mask_ratio < 0.5:
         raise SystemExit(f"LUT needs --mask_ratio >= 0.5 (the two views' visible patches are disjoint), "
                          f"got {args.mask_ratio}")
+    num_patches = (args.input_size // args.patch_size) ** 2
+    if int(num_patches * (1 - args.mask_ratio)) < 1:
+        raise SystemExit(f"--mask_ratio {args.mask_ratio} leaves no visible patch of {num_patches} "
+                         f"({args.input_size} px, patch {args.patch_size})")
     if args.fast_decode and not is_lut:
         raise SystemExit("--fast_decode is for LUT's views (resized to the input size); MAE's random-resized crops "
                          "enlarge small regions and need the full-resolution image")
@@ -107,6 +112,7 @@ def main(args):
     """Run (or resume) the pre-training described by `args`; returns the trained (student, teacher or None)."""
     device = start_run(args)
     paths = check_args(args)
+    lock_output_dir(args.output_dir)
     knn = None
     if args.knn_freq:
         try:
@@ -147,7 +153,7 @@ def main(args):
     ckpt_path = find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)
     start_epoch, start_step, totals, ckpt = load_training_state(ckpt_path, args, student, optimizer, scaler, teacher)
 
-    log_writer = open_outputs(args, ckpt)
+    log_writer = open_outputs(args, ckpt_path, ckpt)
     preemption = PreemptionHandler(check_every=args.print_freq)
 
     def should_stop(global_step):

@@ -1,6 +1,7 @@
 """main_finetune.py / main_linprobe.py / main_knn.py with a micro ViT whose encoder matches tests/micro_pretrain.py's.
 
 Usage: python tests/micro_finetune.py {finetune,linprobe,knn} [flags of that script]   (also under torchrun)
+KILL_AT=before|after:<file name>:<n> in the environment: SIGKILL at that file event (tests/runs.py).
 """
 import argparse
 import os
@@ -17,6 +18,9 @@ models_vit.MODELS["vit_micro"] = lambda **kw: models_vit.vit_tiny_patch16(**{**M
 SCRIPTS = {"finetune": main_finetune, "linprobe": main_linprobe, "knn": main_knn}
 
 if __name__ == "__main__":
+    if os.environ.get("KILL_AT"):
+        from tests.runs import install_kill_point
+        install_kill_point(os.environ["KILL_AT"])
     script = SCRIPTS[sys.argv.pop(1)]
     parser = argparse.ArgumentParser(parents=[script.get_args_parser()])
     script.main(parser.parse_args())

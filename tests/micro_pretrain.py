@@ -2,6 +2,7 @@
 
 Usage: python tests/micro_pretrain.py [main_pretrain flags] [--dump_weights]
 --dump_weights makes every rank write its final student state dict to output_dir/rank<r>.pth.
+KILL_AT=before|after:<file name>:<n> in the environment: SIGKILL at that file event (tests/runs.py).
 """
 import argparse
 import os
@@ -18,6 +19,9 @@ models_lut.MODELS["lut_vit_micro"] = lambda **kw: models_lut.LUT(**{**MICRO, **k
 models_lut.MODELS["mae_vit_micro"] = lambda **kw: models_lut.MaskedAutoencoderViT(**{**MICRO, **kw})
 
 if __name__ == "__main__":
+    if os.environ.get("KILL_AT"):
+        from tests.runs import install_kill_point
+        install_kill_point(os.environ["KILL_AT"])
     parser = argparse.ArgumentParser(parents=[main_pretrain.get_args_parser()])
     parser.add_argument("--dump_weights", action="store_true")
     args = parser.parse_args()

@@ -19,6 +19,7 @@ from util.datasets import (
     augmentation_seed,
     build_imagefolder,
     check_images,
+    check_unreadable,
     find_images,
     load_image,
 )
@@ -199,9 +200,12 @@ def test_find_images_accepts_imagenet_class_and_flat_layouts(tmp_path):
     assert find_images(str(tmp_path / "classes")) == [
         str(tmp_path / "classes" / p) for p in ("cat/x.bmp", "dog/y.webp")]
 
-    save_images(tmp_path / "flat", ["2.jpeg", "1.png", "._1.png"])
+    save_images(tmp_path / "flat", ["2.jpeg", "1.png", "._1.png", "3.TIF"])
     (tmp_path / "flat" / "notes.txt").write_text("not an image")
-    assert find_images(str(tmp_path / "flat")) == [str(tmp_path / "flat" / p) for p in ("1.png", "2.jpeg")]
+    save_images(tmp_path / "flat" / ".thumbnails", ["1.png", "2.png"])  # hidden: skipped
+    save_images(tmp_path / "flat" / "more", ["4.png"])  # a sub-folder's images are the folder's too
+    assert find_images(str(tmp_path / "flat")) == [str(tmp_path / "flat" / p)
+                                                   for p in ("1.png", "2.jpeg", "3.TIF", "more/4.png")]
 
 
 def test_find_images_rejects_folder_without_images(tmp_path):
@@ -215,11 +219,32 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     save_images(tmp_path, ["good.png"])
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"this is not a jpeg")
-    paths = [str(tmp_path / "good.png"), str(bad)]
     with pytest.raises(OSError, match="bad.jpg"):
-        check_images(paths)
-    with pytest.raises(OSError, match="bad.jpg"):
-        PretrainDataset(paths, mae_transform(16))[(1, 0)]
+        check_images([str(tmp_path / "good.png"), str(bad)])
+
+
+def test_an_unreadable_training_image_is_replaced_by_the_next_readable_one_and_counted(tmp_path, capsys):
+    save_images(tmp_path, ["0.png", "2.png", "3.png"])
+    (tmp_path / "1.png").write_bytes(b"truncated")
+    dataset = PretrainDataset(find_images(str(tmp_path)), mae_transform(16))
+    assert torch.equal(dataset[(1, 7)], dataset[(2, 7)])  # image 2, with image 1's augmentation
+    assert f"WARNING: cannot read image file {tmp_path / '1.png'}" in capsys.readouterr().err
+    assert check_unreadable(dataset, images=1000, max_fraction=0.001) == 1  # 1 of 1000 is allowed ...
+    dataset[(1, 7)], dataset[(1, 7)]
+    with pytest.raises(SystemExit, match=r"2 of 1000 images could not be read \(more than --max_unreadable 0.001\)"):
+        check_unreadable(dataset, images=1000, max_fraction=0.001)  # ... 2 are not
+
+
+def test_16_bit_and_float_greyscale_keep_their_grey_levels(tmp_path):
+    levels = np.arange(151)
+    Image.fromarray((levels * 257).astype(np.uint16)[None]).save(tmp_path / "16bit.png")
+    Image.fromarray((levels / 255).astype(np.float32)[None]).save(tmp_path / "float.tif")
+    for name in ("16bit.png", "float.tif"):
+        pixels = np.asarray(load_image(str(tmp_path / name)))
+        assert pixels.shape == (1, 151, 3) and pixels[0, :, 0].tolist() == levels.tolist()
+    Image.fromarray(np.full((2, 2), 3.5, np.float32)).save(tmp_path / "hdr.tif")
+    with pytest.raises(OSError, match=r"hdr.tif: float pixels in \[3.5, 3.5\]: only \[0, 1\] is read"):
+        load_image(str(tmp_path / "hdr.tif"))
 
 
 def test_check_images_decodes_first_and_last_when_sampling(tmp_path):

@@ -290,7 +290,8 @@ def test_two_rank_dist_eval_matches_single_process_eval_and_training_resumes(dem
     out = tmp_path / "ddp"
     ddp = run((MICRO_FINETUNE, "finetune", "--model", "vit_micro", "--batch_size", "32", "--print_freq", "100"),
               "--data_path", demo,
-              "--output_dir", out, "--finetune", pretrained, "--epochs", 1, "--dist_eval", launcher=TORCHRUN)
+              "--output_dir", out, "--finetune", pretrained, "--epochs", 1, "--dist_eval", "--device", "cpu",
+              launcher=TORCHRUN)
     single = finetune("--data_path", demo, "--eval", "--resume", out / "checkpoint-last.pth")
     assert hits(ddp.stdout) == hits(single.stdout)
     assert hits(single.stdout)[1] == 1000

@@ -62,7 +62,7 @@ def knn(*flags, launcher=(sys.executable,)):
 def test_two_ranks_give_the_single_process_accuracy(small_demo):
     """Random-weight features (the same on every rank): the bank is gathered and hits summed without repeats."""
     single = knn("--data_path", small_demo)
-    assert single == knn("--data_path", small_demo, launcher=TORCHRUN)
+    assert single == knn("--data_path", small_demo, "--device", "cpu", launcher=TORCHRUN)
     assert float(single[0]) > 30  # chance: 10 %; even random ViT features cluster Fashion-MNIST
 
 

@@ -1,5 +1,7 @@
 """main_pretrain.py end to end on demo images: learning, logs, exact resume, DDP equivalence, bad inputs."""
+import builtins
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 import main_pretrain
+import micro_pretrain  # noqa: F401  (registers the micro models)
 from runs import (MICRO_PRETRAIN, ROOT, TORCHRUN, ENV, assert_same_state, assert_same_training_state, epoch_log,
                   run as run_cmd)
 from util.checkpoint import load_checkpoint
@@ -20,6 +23,16 @@ PRETRAIN_FLAGS = ["--model", "lut_vit_micro", "--input_size", "32", "--patch_siz
 def run(*flags, model="lut_vit_micro", check=True, launcher=(sys.executable,)):
     """tests/micro_pretrain.py with PRETRAIN_FLAGS (model replaced by `model`) and `flags`."""
     return run_cmd([*launcher, MICRO_PRETRAIN, *PRETRAIN_FLAGS, "--model", model, *flags], check=check)
+
+
+def refusal(monkeypatch, *flags):
+    """The one-line message (a SystemExit's, so no traceback) with which main_pretrain.main on the micro model stops
+    before anything is built or written."""
+    monkeypatch.setattr(builtins, "print", builtins.print)  # main() silences print on ranks other than 0
+    args = main_pretrain.get_args_parser().parse_args([*PRETRAIN_FLAGS, *map(str, flags)])
+    with pytest.raises(SystemExit) as stop:
+        main_pretrain.main(args)
+    return str(stop.value)
 
 
 @pytest.mark.slow
@@ -75,7 +88,7 @@ def test_resume_is_bitwise_identical_with_workers_and_accumulation(flat_images, 
 @pytest.mark.slow
 def test_two_ranks_equal_one_rank_with_the_global_batch(flat_images, tmp_path):
     common = ["--data_path", flat_images, "--epochs", "1", "--stop_at_step", "2", "--dump_weights"]
-    run(*common, "--output_dir", tmp_path / "ddp", "--batch_size", "8", launcher=TORCHRUN)
+    run(*common, "--output_dir", tmp_path / "ddp", "--batch_size", "8", "--device", "cpu", launcher=TORCHRUN)
     run(*common, "--output_dir", tmp_path / "single", "--batch_size", "16")
     rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pth") for r in (0, 1))
     assert_same_state(rank0, rank1)  # ranks agree
@@ -103,26 +116,24 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(flat_images, tmp_path):
     ("empty", "no images"),
     ("corrupt", "broken.png"),
 ])
-def test_bad_data_path_fails_early_with_clear_message(tmp_path, setup, message):
+def test_bad_data_path_fails_early_with_clear_message(monkeypatch, tmp_path, setup, message):
     data = tmp_path / "data"
     if setup != "missing":
         data.mkdir()
     if setup == "corrupt":
         (data / "broken.png").write_bytes(b"not a png")
-    proc = run("--data_path", data, "--output_dir", tmp_path / "out", check=False)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert "Traceback" not in proc.stderr and "trainable parameters" not in proc.stdout
+    assert message in refusal(monkeypatch, "--data_path", data, "--output_dir", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
     (("--mask_ratio", "0.4"), "--mask_ratio >= 0.5"),
+    (("--mask_ratio", "0.99"), "--mask_ratio 0.99 leaves no visible patch of 16 (32 px, patch 8)"),
     (("--batch_size", "1"), "--batch_size must be at least 2"),  # BatchNorm heads would fail in the first step
 ])
-def test_incompatible_lut_arguments_are_refused_before_training(flat_images, tmp_path, flags, message):
-    proc = run("--data_path", flat_images, "--output_dir", tmp_path, *flags, check=False)
-    assert proc.returncode != 0 and message in proc.stderr
-    assert "Traceback" not in proc.stderr and not os.listdir(tmp_path)
+def test_incompatible_lut_arguments_are_refused_before_training(monkeypatch, flat_images, tmp_path, flags, message):
+    assert message in refusal(monkeypatch, "--data_path", flat_images, "--output_dir", tmp_path / "out", *flags)
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_image_per_rank_is_allowed_when_batchnorm_statistics_span_ranks(flat_images):
@@ -160,3 +171,17 @@ def test_sigusr2_checkpoints_at_a_step_boundary_and_resume_is_exact(flat_images,
     run(*common, "--output_dir", tmp_path / "signalled")
     assert_same_training_state(tmp_path / "straight" / "checkpoint-last.pth",
                                tmp_path / "signalled" / "checkpoint-last.pth")
+
+
+@pytest.mark.slow
+def test_unreadable_images_met_in_training_are_replaced_counted_and_stop_the_run_beyond_max_unreadable(flat_images,
+                                                                                                   tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(flat_images, data)
+    (data / "005.png").write_bytes(b"broken")  # not among the files checked at start
+    proc = run("--data_path", data, "--output_dir", tmp_path / "out", "--epochs", "1", "--max_unreadable", "0.01")
+    assert f"WARNING: cannot read image file {data / '005.png'}" in proc.stderr
+    assert epoch_log(tmp_path / "out")[0]["train_unreadable_images"] == 1
+    proc = run("--data_path", data, "--output_dir", tmp_path / "strict", "--epochs", "1", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "1 of 256 images could not be read (more than --max_unreadable 0.001)" in proc.stderr

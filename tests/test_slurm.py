@@ -121,7 +121,7 @@ def torchrun_reference(cluster, flat_images, tmp_path_factory):
     out = tmp_path_factory.mktemp("torchrun")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "micro_pretrain.py"), *MICRO, "--data_path", str(flat_images),
-           "--epochs", str(EPOCHS), "--num_workers", "0", "--output_dir", str(out)]
+           "--epochs", str(EPOCHS), "--num_workers", "0", "--device", "cpu", "--output_dir", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=ENV)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out / "checkpoint-last.pth"

@@ -25,10 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 from runs import epoch_log
 from util import dist as dist_util
 from util.batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
-from util.checkpoint import (find_resume_checkpoint, load_checkpoint, normalize_pretrained, rng_state, save_checkpoint,
-                             save_epoch, save_training_state, set_rng_state)
+from util.checkpoint import (find_resume_checkpoint, load_checkpoint, load_training_state, normalize_pretrained,
+                             save_checkpoint, save_epoch, save_training_state)
 from util.logging import MetricLogger, NonFiniteLossError
 from util.lr_sched import adjust_learning_rate, effective_lr
+from util.rng import rng_state, set_rng_state
 from util.run import check_run_args, open_outputs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,6 +144,16 @@ def test_checkpoint_killed_mid_save_leaves_previous_file_loadable(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
 
 
+def test_a_save_on_a_full_disk_names_the_file_and_cause_and_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint-last.pth"
+    save_checkpoint({"epoch": 1}, path)
+    os.symlink("/dev/full", str(path) + ".tmp")  # every write into the temporary file fails with ENOSPC
+    with pytest.raises(SystemExit, match=re.escape(f"could not write {path}: No space left on device (errno 28); "
+                                                   f"the previous file there is untouched")):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(2 ** 20)}, path)
+    assert load_checkpoint(path) == {"epoch": 1} and os.listdir(tmp_path) == ["checkpoint-last.pth"]
+
+
 def test_checkpoint_with_namespace_args_loads_with_weights_only(tmp_path):
     # The LUT authors' checkpoints store args as an argparse.Namespace.
     args = argparse.Namespace(model="lut_vit_base_patch16", blr=1.5e-4, input_size=224)
@@ -170,17 +181,15 @@ def test_truncated_checkpoint_error_names_the_file(tmp_path):
     assert f"while reading checkpoint {path}" in err.value.__notes__
 
 
-def test_explicit_resume_wins_over_auto_resume(tmp_path):
-    (tmp_path / "checkpoint-last.pth").touch()
-    explicit = tmp_path / "checkpoint-10.pth"
+def test_a_restart_continues_from_this_runs_checkpoint_not_from_resume(tmp_path, capsys):
+    explicit, last = tmp_path / "old.pth", tmp_path / "checkpoint-last.pth"
     explicit.touch()
-    assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=True) == str(explicit)
-
-
-def test_auto_resume_finds_last_checkpoint_only_when_enabled_and_present(tmp_path):
-    assert find_resume_checkpoint(str(tmp_path), "", auto_resume=True) is None
-    (tmp_path / "checkpoint-last.pth").touch()
-    assert find_resume_checkpoint(str(tmp_path), "", auto_resume=True) == str(tmp_path / "checkpoint-last.pth")
+    assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=True) == str(explicit)  # the first run
+    last.touch()  # ... has written its own checkpoint and is requeued with the same arguments
+    assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=True) == str(last)
+    assert f"not from --resume {explicit}" in capsys.readouterr().out
+    assert find_resume_checkpoint(str(tmp_path), "", auto_resume=True) == str(last)
+    assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=False) == str(explicit)
     assert find_resume_checkpoint(str(tmp_path), "", auto_resume=False) is None
 
 
@@ -207,6 +216,30 @@ def test_normalize_pretrained_names_available_keys_when_key_is_missing():
 
 def _draw():
     return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+
+def _rng_worker(rank, world_size, port, out_dir):
+    """One rank of a gloo job: save a training state, draw, load it back, draw again."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    args = argparse.Namespace(device="cpu", model="linear", steps_per_epoch=4, batch_size=2, accum_iter=1, seed=0)
+    dist_util.init_distributed(args)
+    model, path = nn.Linear(2, 1), os.path.join(out_dir, "checkpoint-last.pth")
+    optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(rank), np.random.seed(rank), random.seed(rank)  # each rank its own streams, as in training
+    save_training_state(path, args, model, optimizer, scaler, epoch=0, epoch_step=2)
+    expected = _draw()
+    _draw()
+    load_training_state(path, args, model, optimizer, scaler)
+    torch.save({"expected": expected, "resumed": _draw()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_each_rank_resumes_its_own_random_streams(tmp_path):
+    mp.spawn(_rng_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert all(r["resumed"] == r["expected"] for r in ranks)
+    assert ranks[0]["expected"] != ranks[1]["expected"]
 
 
 def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
@@ -345,7 +378,7 @@ def test_sync_batchnorm_two_ranks_with_half_batches_equal_one_rank_with_full_bat
 def test_slurm_srun_variables_map_to_rank_world_size_and_local_rank():
     seen = []
     env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
-           "SLURM_JOB_NODELIST": "gpu[07-08]"}
+           "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_ID": "0"}
     layout = dist_util.launcher_env(env, first_host=lambda nodelist: seen.append(nodelist) or "gpu07")
     assert seen == ["gpu[07-08]"]
     assert layout == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu07",
@@ -354,9 +387,48 @@ def test_slurm_srun_variables_map_to_rank_world_size_and_local_rank():
 
 def test_slurm_mapping_keeps_master_address_and_port_from_the_environment():
     env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7",
-           "SLURM_JOB_NODELIST": "n1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+           "SLURM_JOB_NODELIST": "n1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "SLURM_STEP_ID": "0"}
     layout = dist_util.launcher_env(env, first_host=lambda nodelist: pytest.fail("scontrol must not be called"))
     assert (layout["MASTER_ADDR"], layout["MASTER_PORT"]) == ("10.0.0.1", "29500")
+
+
+def test_a_batch_script_process_outside_srun_runs_alone_and_says_why(monkeypatch, capsys):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_STEP_ID"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7",
+                       "SLURM_JOB_NODELIST": "n1"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(builtins, "print", builtins.print)  # init_distributed wraps print
+    args = argparse.Namespace(device="cpu")
+    dist_util.init_distributed(args)
+    assert (args.rank, args.world_size, args.distributed) == (0, 1, False)
+    assert "8 tasks, but this process was not started by srun: running as one process" in capsys.readouterr().out
+
+
+def test_a_rank_whose_peers_never_join_stops_after_dist_timeout(monkeypatch, capsys):
+    monkeypatch.setattr(builtins, "print", builtins.print)
+    for var, value in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port())).items():
+        monkeypatch.setenv(var, value)
+    start = time.time()
+    with pytest.raises(SystemExit, match=r"rank 0: not all 2 ranks joined at 127.0.0.1:\d+ within 0:00:03"):
+        dist_util.init_distributed(argparse.Namespace(device="cpu", dist_timeout=0.05))
+    assert time.time() - start < 30
+    assert re.search(r"rank 0 of 2 \(.+, local rank 0\) joining the process group at 127.0.0.1:\d+",
+                     capsys.readouterr().out)
+
+
+def test_several_processes_without_cuda_need_device_cpu_and_maes_launcher_flags_are_checked(monkeypatch):
+    for var, value in dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(var, value)
+    parser = importlib.import_module("main_pretrain").get_args_parser()
+    args = parser.parse_args(["--data_path", "x", "--local-rank=1", "--dist_url", "env://"])
+    assert args.local_rank == 1
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="2 processes but CUDA is not usable here .* pass --device cpu"):
+            check_run_args(args)
+    with pytest.raises(SystemExit, match="--world_size 4 but the launcher started 2 process"):
+        dist_util.init_distributed(parser.parse_args(["--data_path", "x", "--world_size", "4", "--device", "cpu"]))
 
 
 def test_torchrun_variables_win_inside_a_slurm_allocation():
@@ -478,7 +550,8 @@ def test_epoch_outputs_of_a_run_killed_after_checkpoint_last_are_completed_once(
                         log_record=record, best_epoch=1)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-best.pth", "checkpoint-last.pth", "log.txt"]
     for _ in range(2):  # the restart completes the epoch's outputs, and a second restart changes nothing
-        open_outputs(args, load_checkpoint(tmp_path / "checkpoint-last.pth")).close()
+        last = tmp_path / "checkpoint-last.pth"
+        open_outputs(args, str(last), load_checkpoint(last)).close()
     assert [r["epoch"] for r in epoch_log(tmp_path)] == [0, 1] and epoch_log(tmp_path)[1] == record
     for name in ("checkpoint-1.pth", "checkpoint-best.pth"):
         assert torch.equal(load_checkpoint(tmp_path / name)["model"]["weight"], model.weight)

@@ -4,32 +4,50 @@ A checkpoint is a dict of tensors and plain Python values (docs/method.md, "Chec
 torch.load(weights_only=True) reads it.
 """
 import argparse
+import contextlib
 import json
 import os
 import pickle
-import random
 import re
 import shutil
 
-import numpy as np
 import torch
 
-from util.dist import barrier, is_main_process
+from util.dist import all_gather_object, barrier, is_main_process
+from util.rng import rng_state, seed_everything, set_rng_state
 
 # Prefixes that wrappers put in front of parameter names: DDP ('module.') and the LUT authors' EMA teacher ('ema.').
 _WRAPPER_PREFIXES = ("module.", "ema.")
 
 
 def save_checkpoint(state, path):
-    """torch.save(state, path) atomically: `path` holds either the previous or the new checkpoint, even if the
-    process is killed mid-write (the new one is written to `path`.tmp in the same directory, then renamed)."""
+    """torch.save(state, path) atomically (see write_atomically)."""
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def copy_file(src, dst):
+    """Copy src to dst atomically (see write_atomically)."""
+    with open(src, "rb") as source:
+        write_atomically(dst, lambda f: shutil.copyfileobj(source, f, 2 ** 24))
+
+
+def write_atomically(path, write):
+    """write(file) into path.tmp, then rename it to `path`: `path` holds either its previous or its new content,
+    whenever the process dies. A failed write (a full disk, a quota) removes path.tmp and stops the run with the file
+    and the cause; the previous file stays as it was."""
     path = os.fspath(path)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = f"{e.strerror} (errno {e.errno})" if getattr(e, "errno", None) else str(e)
+        raise SystemExit(f"could not write {path}: {cause}; the previous file there is untouched") from None
     # The rename itself is only durable once the directory entry is on disk.
     dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
@@ -59,16 +77,18 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def find_resume_checkpoint(output_dir, resume, auto_resume):
-    """The checkpoint to resume from: `resume` if given (it must exist), else output_dir/checkpoint-last.pth when
-    auto_resume is on and that file exists (requeued jobs restart with unchanged arguments), else None."""
-    if resume:
-        if not os.path.isfile(resume):
-            raise FileNotFoundError(f"--resume checkpoint not found: {resume}")
-        return resume
-    last = os.path.join(output_dir, "checkpoint-last.pth") if output_dir else None
-    if auto_resume and last and os.path.isfile(last):
+    """The checkpoint a (re)started run continues from.
+
+    output_dir/checkpoint-last.pth once this run has written one (unless auto_resume is off): a job requeued with its
+    original arguments must continue where it stopped, not go back to its --resume file. Else `resume` if given,
+    else None (a fresh start).
+    """
+    last = os.path.join(output_dir, "checkpoint-last.pth")
+    if auto_resume and os.path.isfile(last):
+        if resume and os.path.realpath(resume) != os.path.realpath(last):
+            print(f"{last} exists: this run continues from it, not from --resume {resume}")
         return last
-    return None
+    return resume or None
 
 
 def save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals=None, **extra):
@@ -78,9 +98,10 @@ def save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step,
     totals: the epoch's logger totals, kept when saving mid-epoch so the resumed run's epoch means cover the whole
     epoch; extra: more entries (model_ema, max_accuracy, ...).
     """
+    rng = all_gather_object(rng_state())  # every rank's own random streams (augmentations, drop path, ...)
     if is_main_process():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "epoch_step": epoch_step, "rng": rng_state(), "args": vars(args), **extra}
+                 "epoch": epoch, "epoch_step": epoch_step, "rng": rng, "args": vars(args), **extra}
         if epoch_step < args.steps_per_epoch:
             state["epoch_totals"] = totals
         save_checkpoint(state, path)
@@ -124,24 +145,18 @@ def finish_epoch(args, record, is_best, log_writer):
         for name in names:
             copy_file(last, os.path.join(args.output_dir, name))
         log_path = os.path.join(args.output_dir, "log.txt")
-        logged = []
+        lines = []
         if os.path.exists(log_path):
             with open(log_path) as f:
-                logged = [json.loads(line).get("epoch") for line in f if line.strip()]
-        if epoch not in logged:
+                lines = f.read().splitlines()
+        if epoch not in [json.loads(line).get("epoch") for line in lines]:
             if log_writer is not None:
                 for name, value in record.items():
                     log_writer.add_scalar(f"epoch/{name}", value, epoch)
                 log_writer.flush()
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            text = "".join(line + "\n" for line in lines + [json.dumps(record)])
+            write_atomically(log_path, lambda f: f.write(text.encode()))
     barrier()
-
-
-def copy_file(src, dst):
-    """Copy src to dst atomically: dst is either its old self or a complete copy, whenever the process dies."""
-    shutil.copyfile(src, dst + ".tmp")
-    os.replace(dst + ".tmp", dst)
 
 
 def load_training_state(path, args, model, optimizer, scaler, teacher=None):
@@ -164,8 +179,10 @@ def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
+    if len(ckpt.get("rng", [])) == args.world_size:
+        set_rng_state(ckpt["rng"][args.rank])  # each rank continues its own random streams
+    else:  # saved by another number of ranks: fresh streams, still one per rank
+        seed_everything(args.seed + 1000 * (ckpt["epoch"] + 1) + args.rank)
     epoch, done = ckpt["epoch"], ckpt.get("epoch_step", args.steps_per_epoch)
     if done >= args.steps_per_epoch:
         print(f"Resumed from {path}: epoch {epoch} complete")
@@ -193,25 +210,3 @@ def normalize_pretrained(ckpt, key="model"):
             name = name.split(".", 1)[1]
         state[name] = value
     return state
-
-
-def rng_state():
-    """This process's torch / CUDA (current device) / numpy / Python RNG states, as weights_only-loadable values."""
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state):
-    """Restore what rng_state() returned."""
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
-    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))

@@ -6,14 +6,18 @@ run continues mid-epoch exactly where it stopped. Fine-tuning and linear probing
 """
 import hashlib
 import math
+import multiprocessing
 import os
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+from util.dist import all_reduce_sum
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def is_image_file(path):
@@ -22,31 +26,29 @@ def is_image_file(path):
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _images_in(folder):
-    return sorted(e.path for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
-
-
 def find_images(root):
-    """Sorted image paths under `root`, for pre-training (labels are ignored).
+    """Sorted image paths for pre-training (labels are ignored): those of root/train if it exists, else of root.
 
-    Accepts, in this order: ImageNet-style `root/train/<class>/<image>`, class folders `root/<class>/<image>`, or a
-    flat folder `root/<image>`.
+    The images of a folder are those directly in it and those in its sub-folders, one level deep (class folders),
+    hidden files and folders (.thumbnails/, ._x.jpg) excepted.
     """
     if not os.path.exists(root):
         raise FileNotFoundError(f"data path {root} does not exist")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"data path {root} is not a folder")
     folder = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
-    class_dirs = sorted(e.path for e in os.scandir(folder) if e.is_dir())
-    paths = [p for d in class_dirs for p in _images_in(d)] or _images_in(folder)
+    folders = [folder] + [e.path for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+    paths = sorted(e.path for d in folders for e in os.scandir(d) if e.is_file() and is_image_file(e.name))
     if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder} or its class folders")
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder} or its sub-folders")
     return paths
 
 
 def load_image(path, draft_size=None):
-    """Decode an image file as RGB PIL image; an unreadable file raises OSError naming it.
+    """Decode an image file as an 8-bit RGB PIL image; an unreadable file raises OSError naming it.
 
+    16-bit greyscale (PNG, TIFF) is scaled to 8 bits, float greyscale (TIFF) in [0, 1] to 0..255; other float
+    ranges are refused, as there is no telling what they mean.
     draft_size: let the JPEG decoder scale the image down by 1/2, 1/4 or 1/8 (in the DCT domain, while decoding)
     as long as both sides stay >= draft_size. Several times faster for photos much larger than the crop, but the
     pixels differ slightly from a full decode followed by a resize (other formats ignore it).
@@ -55,6 +57,17 @@ def load_image(path, draft_size=None):
         with Image.open(path) as img:
             if draft_size is not None:
                 img.draft("RGB", (draft_size, draft_size))
+            if img.mode.startswith("I"):  # 16- or 32-bit integers: convert("RGB") would clip them to 0 / 255
+                pixels = np.asarray(img, dtype=np.float64)
+                if pixels.min() < 0 or pixels.max() > 65535:
+                    raise ValueError(f"{img.mode} pixels in [{pixels.min():g}, {pixels.max():g}], not 16-bit")
+                img = Image.fromarray(np.round(pixels / 257).astype(np.uint8))
+            elif img.mode == "F":
+                pixels = np.asarray(img, dtype=np.float64)
+                if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
+                    raise ValueError(f"float pixels in [{pixels.min():g}, {pixels.max():g}]: only [0, 1] is read; "
+                                     f"save the image with 8 bits per channel")
+                img = Image.fromarray(np.round(pixels * 255).astype(np.uint8))
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot read image file {path}: {e}") from e
@@ -68,6 +81,40 @@ def check_images(paths, max_files=16):
         load_image(paths[i])
 
 
+class UnreadableImages:
+    """Training images that cannot be read, met while loading: each is replaced by the next readable image of the
+    list (a choice that depends on nothing else, so a resumed run loads what the uninterrupted one did), with a
+    warning naming it, and counted in shared memory across the data-loading workers (see check_unreadable)."""
+
+    def __init__(self, paths, draft_size=None):
+        self.paths, self.draft_size = paths, draft_size
+        self.count = multiprocessing.Value("q", 0)
+
+    def load(self, index):
+        """(image, index of the image loaded): `index`'s, or that of the first readable image after it."""
+        for k in range(len(self.paths)):
+            i = (index + k) % len(self.paths)
+            try:
+                return load_image(self.paths[i], self.draft_size), i
+            except OSError as e:
+                with self.count.get_lock():
+                    self.count.value += 1
+                print(f"WARNING: {e}; the next image is used instead", file=sys.stderr, flush=True)
+        raise OSError(f"none of the {len(self.paths)} images can be read")
+
+
+def check_unreadable(dataset, images, max_fraction):
+    """Unreadable images met by `dataset` (its `unreadable`) since the last call, summed over ranks; stops the run
+    when they are more than max_fraction of `images` (of all ranks). Every rank calls it."""
+    with dataset.unreadable.count.get_lock():
+        count, dataset.unreadable.count.value = dataset.unreadable.count.value, 0
+    count = int(all_reduce_sum(float(count)))
+    if count > max_fraction * images:
+        raise SystemExit(f"{count} of {images} images could not be read (more than --max_unreadable {max_fraction}); "
+                         f"the warnings above name them: fix or remove them")
+    return count
+
+
 class PretrainDataset(torch.utils.data.Dataset):
     """Unlabeled images whose augmentation is a pure function of a per-sample seed.
 
@@ -79,14 +126,14 @@ class PretrainDataset(torch.utils.data.Dataset):
     def __init__(self, paths, transform, draft_size=None):
         self.paths = list(paths)
         self.transform = transform
-        self.draft_size = draft_size
+        self.unreadable = UnreadableImages(self.paths, draft_size)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, key):
         index, aug_seed = key
-        img = load_image(self.paths[index], self.draft_size)
+        img, _ = self.unreadable.load(index)
         # Seed only the CPU generator inside a fork: torch.manual_seed would also reseed CUDA generators (used for
         # masking in the main process when num_workers=0), and the caller's RNG stream must not depend on the data.
         with torch.random.fork_rng(devices=[]):
@@ -154,11 +201,26 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         return self.num_samples - self.start
 
 
-def build_imagefolder(root, split, transform):
-    """Labeled `root/<split>/<class>/<image>` dataset (torchvision ImageFolder) for fine-tuning and linear probing."""
+class TrainingImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose unreadable images are replaced as in pre-training (UnreadableImages)."""
+
+    def __init__(self, folder, transform):
+        super().__init__(folder, transform=transform, loader=load_image, is_valid_file=is_image_file)
+        self.unreadable = UnreadableImages([path for path, _ in self.samples])
+
+    def __getitem__(self, index):
+        img, index = self.unreadable.load(index)
+        return self.transform(img), self.targets[index]
+
+
+def build_imagefolder(root, split, transform, training=False):
+    """Labeled `root/<split>/<class>/<image>` dataset (torchvision ImageFolder) for fine-tuning, linear probing and
+    k-NN; `training`: unreadable images are replaced (TrainingImageFolder), else they stop the run."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"data path {folder} does not exist (expected {root}/{split}/<class>/<images>)")
+    if training:
+        return TrainingImageFolder(folder, transform)
     return ImageFolder(folder, transform=transform, loader=load_image, is_valid_file=is_image_file)
 
 

@@ -1,6 +1,8 @@
 """Distributed setup for torchrun, SLURM `srun` (one task per GPU) or a single process, plus small collectives."""
 import builtins
+import datetime
 import os
+import socket
 import subprocess
 
 import torch
@@ -19,12 +21,14 @@ def launcher_env(env, first_host=slurm_first_host):
     """Rank layout from the launcher's environment variables, without touching any process group.
 
     Returns None for a plain single process, else a dict with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
-    (strings, ready for os.environ). torchrun's variables win, so torchrun inside a SLURM allocation works.
+    (strings, ready for os.environ). torchrun's variables win, so torchrun inside a SLURM allocation works. SLURM's
+    are used only inside a job step (srun sets SLURM_STEP_ID): a batch script's own process is one process, whatever
+    the allocation's number of tasks.
     """
     if "RANK" in env and "WORLD_SIZE" in env:
         keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-        return {k: env[k] for k in keys}
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return {"LOCAL_RANK": "0", **{k: env[k] for k in keys if k in env}}
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         return {
             "RANK": env["SLURM_PROCID"],
             "WORLD_SIZE": env["SLURM_NTASKS"],
@@ -39,28 +43,52 @@ def launcher_env(env, first_host=slurm_first_host):
 def init_distributed(args):
     """Join the process group the launcher describes; sets args.rank, args.world_size, args.gpu, args.distributed.
 
-    Backend nccl when args.device is 'cuda...', else gloo (CPU runs). A world of size 1 runs without a process group.
-    Only rank 0 prints afterwards (print(..., force=True) prints on every rank).
+    Backend nccl when args.device is 'cuda...', else gloo (CPU runs); a rank waits --dist_timeout minutes for the
+    others, in any collective, before the job fails. A world of size 1 runs without a process group. MAE's launcher
+    flags are honoured: --local_rank (when the environment has no LOCAL_RANK), --world_size (checked against the
+    launcher's), --dist_url (the rendezvous, env:// by default). Only rank 0 prints afterwards (print(..., force=True)
+    prints on every rank).
     """
     layout = launcher_env(os.environ)
-    if layout is None or int(layout["WORLD_SIZE"]) == 1:
+    if layout is None and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
+        print(f"A SLURM allocation of {os.environ['SLURM_NTASKS']} tasks, but this process was not started by srun: "
+              f"running as one process (start one task per GPU with srun, or use torchrun)", flush=True)
+    if layout is not None and "LOCAL_RANK" not in os.environ and getattr(args, "local_rank", None) is not None:
+        layout["LOCAL_RANK"] = str(args.local_rank)
+    world_size = int(layout["WORLD_SIZE"]) if layout else 1
+    if getattr(args, "world_size", None) not in (None, world_size):
+        raise SystemExit(f"--world_size {args.world_size} but the launcher started {world_size} process(es)")
+    if world_size == 1:
         args.rank, args.world_size, args.distributed = 0, 1, False
         args.gpu = int(layout["LOCAL_RANK"]) if layout else 0
         setup_for_distributed(True)
         return
     os.environ.update(layout)
-    args.rank, args.world_size, args.gpu = int(layout["RANK"]), int(layout["WORLD_SIZE"]), int(layout["LOCAL_RANK"])
+    args.rank, args.world_size, args.gpu = int(layout["RANK"]), world_size, int(layout["LOCAL_RANK"])
     args.distributed = True
-    if args.device.startswith("cuda"):
+    url = getattr(args, "dist_url", "env://")
+    where = f"{layout.get('MASTER_ADDR')}:{layout.get('MASTER_PORT')}" if url == "env://" else url
+    timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 5))
+    print(f"| rank {args.rank} of {world_size} ({socket.gethostname()}, local rank {args.gpu}) joining the process "
+          f"group at {where}; waiting up to {timeout} for the other ranks", flush=True)
+    cuda = args.device.startswith("cuda")
+    if cuda:
         torch.cuda.set_device(args.gpu)
-        dist.init_process_group("nccl", init_method="env://", rank=args.rank, world_size=args.world_size,
-                                device_id=torch.device("cuda", args.gpu))
-    else:
-        dist.init_process_group("gloo", init_method="env://", rank=args.rank, world_size=args.world_size)
-    print(f"| distributed init: rank {args.rank}/{args.world_size}, local rank {args.gpu}, "
-          f"{dist.get_backend()} via {layout['MASTER_ADDR']}:{layout['MASTER_PORT']}", flush=True)
-    dist.barrier()
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=url, rank=args.rank, world_size=world_size,
+                                timeout=timeout, device_id=torch.device("cuda", args.gpu) if cuda else None)
+        dist.barrier()
+    except dist.DistError as e:
+        raise SystemExit(f"rank {args.rank}: not all {world_size} ranks joined at {where} within {timeout} "
+                         f"(--dist_timeout): {str(e).splitlines()[0]}") from None
+    print(f"| rank {args.rank}: all {world_size} ranks joined ({dist.get_backend()})", flush=True)
     setup_for_distributed(args.rank == 0)
+
+
+def launcher_world_size():
+    """The number of processes the launcher started (1 for a plain process)."""
+    layout = launcher_env(os.environ, first_host=lambda nodelist: "")
+    return int(layout["WORLD_SIZE"]) if layout else 1
 
 
 def destroy_distributed():
@@ -134,3 +162,12 @@ def all_reduce_mean(x):
     if get_world_size() == 1:
         return x
     return all_reduce_sum(x) / get_world_size()
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects); [obj] on one process."""
+    if get_world_size() == 1:
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,16 +1,21 @@
 """What every entry script shares: the run flags (device, precision, seed, output folders, data-loader workers,
 print and save frequencies, resuming), their checks, the start of a run and the outputs of each finished epoch."""
+import argparse
 import datetime
+import fcntl
+import glob
 import os
-import random
+import socket
 import time
 
-import numpy as np
 import torch
 
 from util.checkpoint import finish_epoch
-from util.dist import destroy_distributed, init_distributed, is_main_process, local_device
+from util.dist import (all_reduce_sum, destroy_distributed, init_distributed, is_main_process, launcher_world_size,
+                       local_device)
 from util.logging import create_tb_writer
+
+_output_lock = None  # the open lock file of this process's output folder, held until the process ends
 
 
 def add_run_args(parser, training=True):
@@ -18,7 +23,7 @@ def add_run_args(parser, training=True):
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", default="./output_dir")
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
-    group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    group.add_argument("--device", default=None, help="cuda or cpu (default: cuda where CUDA works, else cpu)")
     group.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                        help="autocast precision (default bf16 on CUDA, none on CPU); fp16 uses a grad scaler")
     group.add_argument("--seed", default=0, type=int)
@@ -26,6 +31,12 @@ def add_run_args(parser, training=True):
     group.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster host-to-GPU copies")
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     group.set_defaults(pin_mem=True)
+    group.add_argument("--dist_timeout", default=5.0, type=float,
+                       help="minutes a rank waits for the others (to join, in a collective) before the job fails")
+    # MAE's launcher flags (torch.distributed.launch passes --local-rank / --local_rank)
+    group.add_argument("--local_rank", "--local-rank", default=None, type=int, help=argparse.SUPPRESS)
+    group.add_argument("--world_size", default=None, type=int, help="processes in the job (set by the launcher)")
+    group.add_argument("--dist_url", default="env://", help="process-group rendezvous (default: the launcher's)")
     if training:
         group.add_argument("--resume", default="", help="checkpoint to resume from")
         group.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
@@ -33,10 +44,20 @@ def add_run_args(parser, training=True):
         group.add_argument("--print_freq", default=20, type=int, help="print progress every N iterations")
         group.add_argument("--save_freq", default=20, type=int,
                            help="also keep checkpoint-<epoch>.pth every N epochs (and after the last)")
+        group.add_argument("--max_unreadable", default=0.001, type=float,
+                           help="fraction of an epoch's images that may be unreadable (each is replaced by the next "
+                                "readable one, with a warning) before the run stops")
 
 
 def check_run_args(args):
-    """Refuse bad run flags with a one-line message before anything is built; fills the --amp default."""
+    """Refuse bad run flags with a one-line message before anything is built; fills the --device and --amp
+    defaults."""
+    if args.device is None:
+        if not torch.cuda.is_available() and launcher_world_size() > 1:
+            raise SystemExit(f"{launcher_world_size()} processes but CUDA is not usable here (torch "
+                             f"{torch.__version__}, CUDA {torch.version.cuda}): fix the driver or the torch install, "
+                             f"or pass --device cpu to train on CPU processes")
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but CUDA is not available (use --device cpu)")
     if args.amp is None:
@@ -46,7 +67,7 @@ def check_run_args(args):
     for name in ("batch_size", "epochs", "accum_iter", "print_freq", "save_freq"):
         if getattr(args, name, 1) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("num_workers", "warmup_epochs"):
+    for name in ("num_workers", "warmup_epochs", "max_unreadable"):
         if getattr(args, name, 0) < 0:
             raise SystemExit(f"--{name} must not be negative, got {getattr(args, name)}")
     if getattr(args, "resume", "") and not os.path.isfile(args.resume):
@@ -61,20 +82,42 @@ def start_run(args):
     return local_device(args)
 
 
-def seed_everything(seed):
-    """Seed torch, numpy and python's `random` (timm's RandAugment and random erasing draw from the last)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def open_outputs(args, ckpt):
-    """Create the output folder and the TensorBoard writer (rank 0; None elsewhere). `ckpt`: the checkpoint the run
-    resumes from ({} for none); if it ended an epoch, that epoch's outputs are completed (see finish_epoch)."""
+def lock_output_dir(output_dir):
+    """Make this run the only one writing to `output_dir` (every rank calls it, once its flags and data are checked),
+    or stop every rank with a message naming the run that
+    holds it (host, pid). The lock (an flock on output_dir/.lock, rank 0) goes with the process, however it ends, so a
+    dead run never blocks a restart. Temporary files an earlier run left behind are removed."""
+    global _output_lock
+    holder = None
     if is_main_process():
-        os.makedirs(args.output_dir, exist_ok=True)
+        os.makedirs(output_dir, exist_ok=True)
+        f = open(os.path.join(output_dir, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+        else:
+            f.truncate(0)
+            f.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+            f.flush()
+            _output_lock = f
+            for tmp in glob.glob(os.path.join(output_dir, "*.tmp")):
+                os.remove(tmp)
+    if all_reduce_sum(float(holder is not None)) > 0:  # every rank stops, not only rank 0
+        raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder or 'see rank 0'}): wait for "
+                         f"it to end or stop it, or use another --output_dir")
+
+
+def open_outputs(args, ckpt_path, ckpt):
+    """The TensorBoard writer (rank 0; None elsewhere). ckpt_path, ckpt: the checkpoint the run resumes from (None,
+    {} for none); if it is this run's own checkpoint-last.pth and ended an epoch, that epoch's outputs are completed
+    (see finish_epoch)."""
     log_writer = create_tb_writer(args.log_dir or args.output_dir)
-    if ckpt.get("log_record"):
+    own = ckpt_path and os.path.realpath(ckpt_path) == os.path.realpath(os.path.join(args.output_dir,
+                                                                                      "checkpoint-last.pth"))
+    if own and ckpt.get("log_record"):
         finish_epoch(args, ckpt["log_record"], ckpt.get("best_epoch") == ckpt["epoch"], log_writer)
     return log_writer
 
