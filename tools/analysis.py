@@ -1,50 +1,53 @@
-"""Shared helpers of the analysis and export tools (tools/attention_distance.py, spectrum.py, reconstruct.py,
-attention_maps.py, export_timm.py): pre-training models from any checkpoint, evaluation images from a folder,
-attention weights, attention distance, singular-value spectra, reconstructions and figure output.
-
-Plots use matplotlib, an optional dependency imported only where a figure is drawn; every number the tools compute
-(and every JSON file they write) needs only torch.
+"""Shared helpers of the analysis and export tools: pre-training models from any checkpoint, evaluation images,
+attention weights and distances, feature spectra, reconstructions, and the JSON, PNG and TensorBoard output.
+Plots need matplotlib (optional, imported only where a figure is drawn); every number and JSON file needs only torch.
 """
 import argparse
 import contextlib
+import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
 import torchvision
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-import models_lut
-from util.augment import eval_transform
-from util.checkpoint import load_checkpoint, normalize_pretrained
-from util.datasets import find_images, load_image
+# The tools run as scripts from anywhere and import this module first: put the repository root on the path for them.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models_lut  # noqa: E402
+from util.augment import eval_transform  # noqa: E402
+from util.checkpoint import load_checkpoint, normalize_pretrained  # noqa: E402
+from util.datasets import find_images, load_image  # noqa: E402
 
 # LUT's projector and predictor: the tools look at the encoder (and decoder) only.
 HEAD_PREFIXES = ("head.", "predictor.")
 DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
-# ---------------------------------------------------------------- command line
-
-def add_common_args(parser, many_checkpoints, num_images):
-    """Arguments every analysis tool shares: checkpoint(s), which weights, images, device, output folders."""
+def add_checkpoint_args(parser, many_checkpoints):
+    """--checkpoint (or --checkpoints and --labels), --checkpoint_key and --model."""
+    weights = "'model' (student) or 'model_ema' (teacher)"
     if many_checkpoints:
         parser.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
-                            help="pre-training checkpoints (ours, the LUT authors' or MAE's); several are drawn on "
-                                 "one plot")
+                            help="pre-training checkpoints (ours, the LUT authors' or MAE's), drawn on one plot")
         parser.add_argument("--labels", nargs="+", default=None,
                             help="legend / JSON name of each checkpoint (default: folder/file name)")
         parser.add_argument("--checkpoint_key", nargs="+", default=["model"], choices=["model", "model_ema"],
-                            help="'model' (student) or 'model_ema' (teacher): one for all or one per checkpoint")
+                            help=weights + ": one for all or one per checkpoint")
     else:
         parser.add_argument("--checkpoint", required=True, metavar="PATH",
                             help="pre-training checkpoint (ours, the LUT authors' or MAE's)")
-        parser.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"],
-                            help="'model' (student) or 'model_ema' (teacher)")
+        parser.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"], help=weights)
     parser.add_argument("--model", default=None, choices=sorted(models_lut.MODELS),
-                        help="architecture name, when the checkpoint's args do not give a known one (default: "
-                             "from the checkpoint; depth, widths, patch and image size always come from the weights)")
+                        help="architecture, when the checkpoint's args name no known one (sizes come from the weights)")
+
+
+def add_common_args(parser, many_checkpoints, num_images):
+    """Arguments every analysis tool shares: checkpoint(s), which weights, images, device, output folders."""
+    add_checkpoint_args(parser, many_checkpoints)
     parser.add_argument("--data_path", required=True,
                         help="images: an ImageFolder root (root/train/<class>/*, root/<class>/*) or a flat folder")
     parser.add_argument("--num_images", type=int, default=num_images,
@@ -57,16 +60,15 @@ def add_common_args(parser, many_checkpoints, num_images):
 
 def check_common_args(args, needs_matplotlib):
     """Fail before loading anything: missing checkpoints, inconsistent per-checkpoint lists, missing plot library."""
-    paths = args.checkpoints if hasattr(args, "checkpoints") else [args.checkpoint]
-    for path in paths:
+    many = hasattr(args, "checkpoints")
+    for path in args.checkpoints if many else [args.checkpoint]:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-    if hasattr(args, "checkpoints"):
-        if len(args.checkpoint_key) not in (1, len(paths)):
-            raise ValueError(f"give one --checkpoint_key or one per checkpoint ({len(paths)}), "
-                             f"got {len(args.checkpoint_key)}")
-        if args.labels is not None and len(args.labels) != len(paths):
-            raise ValueError(f"give one label per checkpoint ({len(paths)}), got {len(args.labels)}")
+    if many and len(args.checkpoint_key) not in (1, len(args.checkpoints)):
+        raise ValueError(f"give one --checkpoint_key or one per checkpoint ({len(args.checkpoints)}), "
+                         f"got {len(args.checkpoint_key)}")
+    if many and args.labels is not None and len(args.labels) != len(args.checkpoints):
+        raise ValueError(f"give one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
     if args.num_images < 1 or args.batch_size < 1:
         raise ValueError("--num_images and --batch_size must be positive")
     if needs_matplotlib:
@@ -88,8 +90,6 @@ def default_label(path, checkpoint_key):
     return name + (" (teacher)" if checkpoint_key == "model_ema" else "")
 
 
-# ---------------------------------------------------------------- models
-
 def architecture(state):
     """Constructor arguments that the weights determine: image and patch size, widths, depths, MLP ratio."""
     if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
@@ -97,8 +97,7 @@ def architecture(state):
     embed_dim, in_chans, patch_size, _ = state["patch_embed.proj.weight"].shape
     grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
     arch = dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                depth=_count_blocks(state, "blocks"),
-                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim)
+                depth=_count_blocks(state, "blocks"), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim)
     if "decoder_embed.weight" in state:
         arch.update(decoder_embed_dim=state["decoder_embed.weight"].shape[0],
                     decoder_depth=_count_blocks(state, "decoder_blocks"))
@@ -106,23 +105,13 @@ def architecture(state):
 
 
 def _count_blocks(state, prefix):
-    indices = {int(m.group(1)) for k in state for m in [re.match(rf"{prefix}\.(\d+)\.", k)] if m}
-    return max(indices) + 1
-
-
-def checkpoint_args(ckpt):
-    """The training arguments stored in a checkpoint as a dict (ours: dict, the authors': Namespace, MAE: none)."""
-    args = ckpt.get("args")
-    return vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    return 1 + max(int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k)))
 
 
 def build_model(state, model_name):
-    """Pre-training model for `state`: the named factory if it is one of ours, else MaskedAutoencoderViT.
-
-    The weights fix every size except the number of heads. Names the factories do not know (MAE's released files
-    carry none, the authors' `*_dec512d8b` aliases) use the convention all published MAE / LUT models follow:
-    64-dimensional encoder heads, 32-dimensional decoder heads.
-    """
+    """Pre-training model for `state`: the named factory if it is one of ours, else (MAE's files name none, the
+    authors' `*_dec512d8b` aliases) MaskedAutoencoderViT with the 64-d encoder and 32-d decoder heads of all published
+    MAE / LUT models; the weights fix every other size."""
     arch = architecture(state)
     if model_name in models_lut.MODELS:
         return models_lut.MODELS[model_name](**arch), model_name
@@ -132,16 +121,14 @@ def build_model(state, model_name):
 
 
 def load_model(path, checkpoint_key="model", model_name=None):
-    """Pre-training model in eval mode, on the CPU, with the student ('model') or teacher ('model_ema') weights.
-
-    Reads ours, the LUT authors' and MAE's checkpoints. The projector / predictor are not loaded (the tools use the
-    encoder and decoder only); a checkpoint without decoder (MAE's encoder-only release) loads with has_decoder False.
-    Returns (model, info) with info = dict(name, norm_pix_loss (None if the checkpoint does not say), has_decoder).
-    """
+    """Pre-training model in eval mode, on the CPU, with the student ('model') or teacher ('model_ema') weights of
+    our, the LUT authors' or MAE's checkpoints; no projector / predictor, and no decoder where the file has none.
+    Returns (model, dict(name, norm_pix_loss (None if the checkpoint does not say), has_decoder))."""
     ckpt = load_checkpoint(path)
     if checkpoint_key in ckpt and ckpt[checkpoint_key] is None:
         raise ValueError(f"{path} has no {checkpoint_key!r} weights (MAE checkpoints have no teacher)")
-    train_args = checkpoint_args(ckpt)
+    train_args = ckpt.get("args") or {}  # ours: a dict, the authors': a Namespace, MAE's: none
+    train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else dict(train_args)
     state = {k: v for k, v in normalize_pretrained(ckpt, checkpoint_key).items() if not k.startswith(HEAD_PREFIXES)}
     model, name = build_model(state, model_name or train_args.get("model"))
     has_decoder = "decoder_embed.weight" in state
@@ -150,11 +137,8 @@ def load_model(path, checkpoint_key="model", model_name=None):
                and (has_decoder or not k.startswith(DECODER_PREFIXES))]
     if missing or unexpected:
         raise ValueError(f"{path} [{checkpoint_key}] does not fit {name}: missing {missing}, unexpected {unexpected}")
-    info = dict(name=name, norm_pix_loss=train_args.get("norm_pix_loss"), has_decoder=has_decoder)
-    return model.eval(), info
+    return model.eval(), dict(name=name, norm_pix_loss=train_args.get("norm_pix_loss"), has_decoder=has_decoder)
 
-
-# ---------------------------------------------------------------- images
 
 def pick_images(data_path, num_images):
     """`num_images` image paths evenly spaced over the sorted files of `data_path` (so every class is represented)."""
@@ -183,8 +167,6 @@ def enlarge(imgs, min_size=128):
     return imgs.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
-# ---------------------------------------------------------------- attention
-
 @torch.no_grad()
 def block_inputs(model, imgs):
     """Encoder on all patches of imgs [B, 3, H, W]; returns the input of every block, `depth` tensors [B, 1 + L, D]."""
@@ -200,11 +182,8 @@ def block_inputs(model, imgs):
 
 @torch.no_grad()
 def attention_weights(block, x):
-    """Self-attention weights of a timm Block for its input x: [B, N, D] -> [B, heads, N, N], rows (queries) sum to 1.
-
-    timm's fused attention never materialises these weights, so they are recomputed: softmax(q k^T * scale) with
-    q, k from the block's qkv projection of norm1(x).
-    """
+    """Self-attention weights of a timm Block for its input x: [B, N, D] -> [B, heads, N, N], rows (queries) sum to 1,
+    recomputed from the qkv projection of norm1(x) because timm's fused attention never materialises them."""
     attn = block.attn
     B, N, _ = x.shape
     qkv = attn.qkv(block.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -224,11 +203,9 @@ def patch_distances(grid_size, patch_size):
 def mean_attention_distance(attn, grid_size, patch_size, renormalize=True):
     """Mean attention distance in pixels per image and head: attn [B, heads, 1 + L, 1 + L] -> [B, heads].
 
-    For each query patch, the attention-weighted distance to every key patch, averaged over the query patches; the
-    CLS token is excluded as query and as key. With `renormalize` each query's patch weights are rescaled to sum to
-    1, so the result is a weighted mean over positions (the share given to CLS has no position). Without it the
-    weights are used as they are, the convention of the widely copied notebooks after Raghu et al. (2021), which
-    counts attention to CLS as distance 0.
+    Per query patch the attention-weighted distance to every key patch, averaged over the query patches; CLS is left
+    out as query and key. `renormalize` rescales each query's patch weights to sum to 1 (a weighted mean over
+    positions); without it attention to CLS counts as distance 0, as in the notebooks after Raghu et al. (2021).
     """
     a = attn[:, :, 1:, 1:].double()
     if renormalize:
@@ -238,25 +215,17 @@ def mean_attention_distance(attn, grid_size, patch_size, renormalize=True):
 
 
 def heatmap(values, size):
-    """Attention of one query over the patch grid, values [h, w] -> RGB [3, size, size] in [0, 1].
-
-    Scaled by its maximum and coloured with a black-red-yellow-white ramp (matplotlib's 'hot'), drawn here so the
-    image tools need no plotting library; patches are upsampled by nearest neighbour so the grid stays visible.
-    """
+    """One query's attention over the patch grid, values [h, w] -> RGB [3, size, size] in [0, 1]: scaled by its
+    maximum, coloured black-red-yellow-white like matplotlib's 'hot' (without it), the patches kept visible."""
     t = values / values.max()
     t = torch.nn.functional.interpolate(t[None, None], size=size, mode="nearest")[0, 0]
     return torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)])
 
 
-# ---------------------------------------------------------------- spectrum
-
 class FeatureSpectrum:
-    """Singular values of a stack of feature rows, accumulated batch by batch.
-
-    Keeps the row count, the sum and the Gram matrix X^T X in float64, so hundreds of thousands of token features
-    need only a D x D matrix: the singular values of X are the square roots of the eigenvalues of X^T X, and those of
-    the centred X (rows minus their mean, the covariance spectrum) of X^T X - n m m^T.
-    """
+    """Singular values of a stack of feature rows, accumulated batch by batch in a D x D Gram matrix X^T X (float64),
+    so any number of token features fits: those of X are the square roots of its eigenvalues, those of the centred X
+    (rows minus their mean m) of X^T X - n m m^T."""
 
     def __init__(self, dim):
         self.count = 0
@@ -286,14 +255,11 @@ def effective_rank(singular_values):
     return float(torch.exp(-torch.special.xlogy(p, p).sum()))
 
 
-# ---------------------------------------------------------------- reconstruction
-
 def predicted_pixels(model, imgs, pred, norm_pix_loss):
     """Decoder output pred [B, L, p*p*3] as patches in the (ImageNet-normalised) space of imgs [B, 3, H, W].
 
-    A norm-pix model predicts each patch normalised by its own mean and std; they are put back from the original
-    patch, as in the usual MAE visualisations. This borrows the true statistics of the masked patches, so it shows
-    the predicted structure, not a prediction of the patch colour.
+    A norm-pix prediction gets the mean and std of the original patch back, as in the usual MAE visualisations: the
+    colour of a masked patch is borrowed, its structure predicted.
     """
     if not norm_pix_loss:
         return pred
@@ -305,10 +271,7 @@ def predicted_pixels(model, imgs, pred, norm_pix_loss):
 
 def reconstruction_rows(model, imgs, pred, mask, norm_pix_loss):
     """Per image: original, masked input, reconstruction, reconstruction with the visible patches pasted in.
-
-    imgs: [B, 3, H, W] normalised; pred: [B, L, p*p*3]; mask: [B, L], 1 = removed.
-    Returns [4 * B, 3, H, W] RGB in [0, 1], four consecutive images per input image.
-    """
+    imgs: [B, 3, H, W] normalised; pred: [B, L, p*p*3]; mask: [B, L], 1 = removed -> RGB [4 * B, 3, H, W] in [0, 1]."""
     recon = model.unpatchify(predicted_pixels(model, imgs, pred, norm_pix_loss))
     pixel_mask = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).to(imgs.dtype))
     # Removed patches are shown as 0 in normalised space, i.e. the ImageNet mean colour (grey), as MAE's demo does.
@@ -318,10 +281,7 @@ def reconstruction_rows(model, imgs, pred, mask, norm_pix_loss):
     return denormalize(rows.flatten(0, 1))
 
 
-# ---------------------------------------------------------------- output
-
 def require_matplotlib():
-    """Import matplotlib's Figure, or stop with what to do about it."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -347,10 +307,32 @@ def save_figure(fig, path, writer=None, tag=None):
 
 
 def save_images(images, path, nrow, writer=None, tag=None):
-    """Write images [N, 3, H, W] in [0, 1] as one grid PNG (`nrow` images per row) and, with a TensorBoard
-    `writer`, log it under `tag`."""
+    """Write images [N, 3, H, W] in [0, 1] as one grid PNG, `nrow` images per row; log it to a TensorBoard `writer`."""
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
     torchvision.utils.save_image(grid, path)
     if writer is not None:
         writer.add_image(tag, grid)
     print(f"wrote {path}")
+
+
+def analyse_checkpoints(args, name, measure, plot):
+    """For each checkpoint of --checkpoints, the fields measure(model, image paths, args) returns; written to
+    OUTPUT_DIR/<name>.json as {label: {checkpoint, checkpoint_key, model, num_images, **fields}} and, unless
+    --no_plot, drawn by plot(results, OUTPUT_DIR/<name>.png, TensorBoard writer or None)."""
+    check_common_args(args, needs_matplotlib=not args.no_plot)
+    paths = pick_images(args.data_path, args.num_images)
+    runs = checkpoint_runs(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    results = {}
+    for label, path, key in runs:
+        model, info = load_model(path, key, args.model)
+        print(f"{label}: {info['name']} from {path} [{key}], {len(paths)} images")
+        results[label] = dict(checkpoint=path, checkpoint_key=key, model=info["name"], num_images=len(paths),
+                              **measure(model.to(args.device), paths, args))
+    json_path = os.path.join(args.output_dir, f"{name}.json")
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {json_path}")
+    if not args.no_plot:
+        with summary_writer(args.log_dir) as writer:
+            plot(results, os.path.join(args.output_dir, f"{name}.png"), writer)

@@ -3,21 +3,14 @@
     python tools/attention_maps.py --checkpoints mae.pth lut.pth --labels MAE LUT \
         --data_path /datasets/imagenet/val --num_images 4 --queries 0.5,0.5 0.3,0.7 --output_dir analysis
 
-A query is a position "y,x" given as fractions of the image height and width (0.5,0.5 is the patch under the centre),
-so it picks the same spot for models with different patch sizes. Each PNG has one row per checkpoint and query:
-the image with the query patch framed in cyan, then the attention of that patch to every patch in --layer, averaged
-over the heads, then per head. Each map is scaled to its maximum (black -> red -> yellow -> white) and laid over the
-image; the CLS token is left out. Small inputs are enlarged (nearest neighbour) to at least 128 px.
-Writes OUTPUT_DIR/attention_maps_<k>_<image name>.png.
+A query "y,x" is a position as fractions of the image height and width (0.5,0.5: the patch under the centre). Each
+PNG has one row per checkpoint and query: the image with the query patch framed, then that patch's attention in
+--layer (CLS left out) averaged over the heads, then per head. Writes OUTPUT_DIR/attention_maps_<k>_<image name>.png.
 """
 import argparse
 import os
-import sys
 
 import torch
-
-# Run as a script from anywhere: the project root holds models_lut and util.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from analysis import (add_common_args, attention_weights, block_inputs, check_common_args, checkpoint_runs,
                       denormalize, enlarge, heatmap, image_batches, load_model, pick_images, save_images,
@@ -46,40 +39,32 @@ def get_args_parser():
     return parser
 
 
-def query_patch(query, grid_size):
-    """(row, column) of the patch under the fractional position query = (y, x) on an (h, w) patch grid."""
-    return tuple(min(int(q * n), n - 1) for q, n in zip(query, grid_size))
-
-
 def framed(img, row, col, patch):
     """RGB img [3, H, W] with a frame drawn around patch (row, col)."""
-    img = img.clone()
-    width = max(1, patch // 8)
-    colour = img.new_tensor(QUERY_FRAME).view(3, 1, 1)
-    y0, x0 = row * patch, col * patch
-    box = img[:, y0:y0 + patch, x0:x0 + patch]
-    for edge in (box[:, :width], box[:, -width:], box[:, :, :width], box[:, :, -width:]):
-        edge.copy_(colour.expand_as(edge))
+    img, width = img.clone(), max(1, patch // 8)
+    box = img[:, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch]
+    inside = box[:, width:-width, width:-width].clone()
+    box[:] = img.new_tensor(QUERY_FRAME).view(3, 1, 1)
+    box[:, width:-width, width:-width] = inside
     return img
 
 
 @torch.no_grad()
 def attention_tiles(model, imgs, queries, layer):
-    """For images imgs [B, 3, S, S]: per image, the tiles of every query, each a list [framed image, head mean,
-    head 1, ..., head H] of RGB [3, S, S] in [0, 1]."""
+    """imgs [B, 3, S, S] -> per image, per query, [framed image, head mean, head 1, ..., head H], RGB [3, S, S]."""
     grid, patch = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
     x = block_inputs(model, imgs)[layer]
     attn = attention_weights(model.blocks[layer], x)[:, :, 1:, 1:].cpu()  # [B, H, L, L], CLS left out
     rgb = denormalize(imgs.cpu())
-    size = rgb.shape[-2:]
     tiles = []
     for b in range(imgs.shape[0]):
         rows = []
         for query in queries:
-            r, c = query_patch(query, grid)
+            r, c = (min(int(q * n), n - 1) for q, n in zip(query, grid))  # the patch under the query
             maps = attn[b, :, r * grid[1] + c].reshape(-1, *grid)  # [H, h, w]
             maps = torch.cat([maps.mean(dim=0, keepdim=True), maps])
-            rows.append([framed(rgb[b], r, c, patch)] + [0.35 * rgb[b] + 0.65 * heatmap(m, size) for m in maps])
+            overlays = [0.35 * rgb[b] + 0.65 * heatmap(m, rgb.shape[-2:]) for m in maps]
+            rows.append([framed(rgb[b], r, c, patch)] + overlays)
         tiles.append(rows)
     return tiles
 

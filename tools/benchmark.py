@@ -1,19 +1,16 @@
 """Speed of LUT / MAE pre-training: the real training step, its FLOPs and MFU, and the input pipeline.
 
-    # CPU: ViT-S/16, 224 px, batch 8, float32; LUT and MAE of the same size
     python tools/benchmark.py --model lut_vit_small_patch16 --batch_size 8 --device cpu
-    # one GPU: ViT-B/16, batch 128, bf16 autocast, eager and torch.compile'd
     python tools/benchmark.py --model lut_vit_base_patch16 --batch_size 128 --device cuda --amp bf16 --compile
 
-The step is engine_pretrain's: `pretrain_step` under the --amp autocast, backward through the GradScaler,
-`apply_gradients` (fused AdamW, teacher EMA), on random images already on the device; step time is the median of
---repeats steps after --warmup. FLOPs: torch.utils.flop_counter over one eager step. MFU = achieved FLOP/s /
-(--peak_tflops, or the measured torch.mm peak of the step's precision). Peak memory: CUDA, the allocator's peak for
-each model; CPU, the process's peak resident memory so far (ru_maxrss), so a row includes the rows above it.
-The input pipeline is timed as one DataLoader worker (one process, one torch thread).
+Times engine_pretrain's pretrain_step + apply_gradients (median of --repeats steps after --warmup, random images on
+the device) for --model and the other method's model of the same size, with FLOPs, MFU against --peak_tflops or the
+measured torch.mm peak, and peak memory; then images/s of one DataLoader worker for each pre-training transform.
+What each number means: docs/performance.md.
 """
 import argparse
 import copy
+import functools
 import json
 import os
 import resource
@@ -51,7 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--patch_size", default=16, type=int)
     parser.add_argument("--mask_ratio", default=0.75, type=float)
     parser.add_argument("--head_mlp_dim", default=4096, type=int, help="LUT's projector and predictor width")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=torch.device)
     parser.add_argument("--amp", default=None, choices=sorted(PEAK_DTYPE), help="default bf16 on CUDA, none on CPU")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(pretrain_step)")
     parser.add_argument("--warmup", default=3, type=int, help="untimed steps first (compilation happens here)")
@@ -66,7 +63,6 @@ def parse_args(argv=None):
     parser.set_defaults(w_mae=1.0, w_bc=0.25, model_ema_decay=0.996, weight_decay=0.05, lr=1e-5, seed=0, rank=0,
                         world_size=1)
     args = parser.parse_args(argv)
-    args.device = torch.device(args.device)
     args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
     return args
 
@@ -88,26 +84,24 @@ for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attentio
     FLOP_FORMULAS[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_backward")] = attention_backward_flops
 
 
-def synchronize(device):
+def seconds(fn, device, repeats=1):
+    """Wall time of `repeats` calls of fn, until the device has finished them."""
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 def matmul_peak(dtype, device, trials=3, min_seconds=0.2):
     """Best FLOP/s of torch.mm on square `dtype` matrices of PEAK_SIZES; each timing lasts about min_seconds."""
-    def seconds(a, b, reps):
-        start = time.perf_counter()
-        for _ in range(reps):
-            torch.mm(a, b)
-        synchronize(device)
-        return time.perf_counter() - start
-
     best = 0.0
     for n in PEAK_SIZES[device.type]:
-        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-        seconds(a, b, 1)  # library initialisation, kernel selection
-        reps = max(1, int(min_seconds / seconds(a, b, 1)))
-        best = max(best, *(2 * n ** 3 * reps / seconds(a, b, reps) for _ in range(trials)))
+        mm = functools.partial(torch.mm, *(torch.randn(n, n, device=device, dtype=dtype) for _ in range(2)))
+        seconds(mm, device)  # library initialisation, kernel selection
+        reps = max(1, int(min_seconds / seconds(mm, device)))
+        best = max(best, *(2 * n ** 3 * reps / seconds(mm, device, reps) for _ in range(trials)))
     return best
 
 
@@ -126,32 +120,21 @@ def measure_step(args, name, compiled):
     noise = masking_noise(args, 0, 0, args.batch_size, student.num_patches, device)
     step_fn = torch.compile(pretrain_step) if compiled else pretrain_step
 
-    def step(fn):
-        terms = fn(student, teacher, views, noise, args)
-        scaler.scale(terms["loss"]).backward()
+    def step(fn=step_fn):
+        scaler.scale(fn(student, teacher, views, noise, args)["loss"]).backward()
         apply_gradients(optimizer, scaler, student, teacher, args.model_ema_decay)
 
     with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step(pretrain_step)  # compiled or not, the math is the same
-    start = time.perf_counter()
-    for _ in range(args.warmup):
-        step(step_fn)
-    synchronize(device)
-    warmup_s, times = time.perf_counter() - start, []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        step(step_fn)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated(device)
-    else:  # ru_maxrss is in kilobytes on Linux, bytes on macOS
-        memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    warmup_s = seconds(step, device, args.warmup)
+    times = [seconds(step, device) for _ in range(args.repeats)]
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"  # ru_maxrss: kB on Linux, B on macOS
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
     torch.compiler.reset()  # frees a compiled step's graphs; the next model compiles afresh
-    flops, seconds = counter.get_total_flops(), statistics.median(times)
-    return dict(model=name, amp=args.amp, compiled=compiled, batch_size=args.batch_size, step_time_s=seconds,
-                step_times_s=times, warmup_s=warmup_s, images_per_s=args.batch_size / seconds, flops_per_step=flops,
-                achieved_flops_per_s=flops / seconds, peak_memory_bytes=memory)
+    flops, step_time = counter.get_total_flops(), statistics.median(times)
+    return dict(model=name, amp=args.amp, compiled=compiled, batch_size=args.batch_size, step_time_s=step_time,
+                step_times_s=times, warmup_s=warmup_s, images_per_s=args.batch_size / step_time, flops_per_step=flops,
+                achieved_flops_per_s=flops / step_time, peak_memory_bytes=memory)
 
 
 def synthetic_jpeg(path, width, height, rng):
@@ -175,8 +158,8 @@ def measure_pipeline(args, folder):
     for path in paths:  # into the page cache, so that every transform starts alike
         with open(path, "rb") as f:
             f.read()
-    transforms = {"lut": (LUTTwoViews(args.input_size), None),  # LUT's two views
-                  "lut_fast_decode": (LUTTwoViews(args.input_size), args.input_size),  # with --fast_decode
+    transforms = {"lut": (LUTTwoViews(args.input_size), None),
+                  "lut_fast_decode": (LUTTwoViews(args.input_size), args.input_size),  # as with --fast_decode
                   "mae": (mae_transform(args.input_size), None)}
     threads, rates = torch.get_num_threads(), {}
     torch.set_num_threads(1)  # what torch gives each DataLoader worker
@@ -190,42 +173,17 @@ def measure_pipeline(args, folder):
     return dict(source=args.data_path or "synthetic JPEGs", images=len(paths), images_per_s=rates)
 
 
-def main(args):
-    device, dtype = args.device, PEAK_DTYPE[args.amp]
-    peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(getattr(torch, dtype), device)
-    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
-                  else f"cpu, {torch.get_num_threads()} threads", peak_flops_per_s=peak,
-                  peak_source="--peak_tflops" if args.peak_tflops else f"measured torch.mm {dtype}",
-                  config=dict(vars(args)), steps=[], lut_vs_mae=[])
-    kind, size = args.model.split("_", 1)
-    other = {"lut": "mae", "mae": "lut"}[kind] + "_" + size  # the same size, the other method
-    other = other if args.compare and other in models_lut.MODELS else None
-    for compiled in [False, True] if args.compile else [False]:
-        steps = {}
-        for name in [args.model] + ([other] if other else []):
-            print(f"measuring {name}{' compiled' if compiled else ''} ...", file=sys.stderr, flush=True)
-            steps[name] = measure_step(args, name, compiled)
-            steps[name]["mfu"] = steps[name]["achieved_flops_per_s"] / peak
-            report["steps"].append(steps[name])
-        if other:
-            lut, mae = (steps[name] for name in sorted(steps))  # lut_* sorts before mae_*
-            report["lut_vs_mae"].append(dict(compiled=compiled,
-                                             step_time_ratio=lut["step_time_s"] / mae["step_time_s"],
-                                             flop_ratio=lut["flops_per_step"] / mae["flops_per_step"]))
-    if args.num_images > 0:
-        with tempfile.TemporaryDirectory() as folder:
-            report["pipeline"] = measure_pipeline(args, folder)
-
-    header = (f"{'model':<24} {'amp':>4} {'compiled':>8} {'batch':>5} {'step ms':>9} {'img/s':>8} {'GFLOP/img':>9} "
-              f"{'TFLOP/s':>8} {'MFU':>6} {'peak mem':>9}")
-    print(f"\n{report['device']}; peak {peak / 1e12:.3g} TFLOP/s ({report['peak_source']}); peak mem: "
-          + ("CUDA max allocated" if device.type == "cuda" else "process peak RSS so far (ru_maxrss)"))
-    print(f"{header}\n{'-' * len(header)}")
-    for s in report["steps"]:
-        gflop_per_image = s["flops_per_step"] / s["batch_size"] / 1e9
-        print(f"{s['model']:<24} {s['amp']:>4} {'yes' if s['compiled'] else 'no':>8} {s['batch_size']:>5} "
-              f"{s['step_time_s'] * 1e3:>9.1f} {s['images_per_s']:>8.1f} {gflop_per_image:>9.2f} "
-              f"{s['achieved_flops_per_s'] / 1e12:>8.3f} {s['mfu']:>6.1%} {s['peak_memory_bytes'] / 2 ** 30:>5.2f} GiB")
+def print_report(report):
+    cuda = report["config"]["device"].type == "cuda"
+    print(f"\n{report['device']}; peak {report['peak_flops_per_s'] / 1e12:.3g} TFLOP/s ({report['peak_source']}); "
+          f"peak mem: {'CUDA max allocated' if cuda else 'process peak RSS so far (ru_maxrss)'}")
+    header = ("model", "amp", "compiled", "batch", "step ms", "img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak mem")
+    rows = [header] + [(s["model"], s["amp"], "yes" if s["compiled"] else "no", s["batch_size"],
+                        f"{s['step_time_s'] * 1e3:.1f}", f"{s['images_per_s']:.1f}",
+                        f"{s['flops_per_step'] / s['batch_size'] / 1e9:.2f}", f"{s['achieved_flops_per_s'] / 1e12:.3f}",
+                        f"{s['mfu']:.1%}", f"{s['peak_memory_bytes'] / 2 ** 30:.2f} GiB") for s in report["steps"]]
+    for row in rows:
+        print(f"{row[0]:<24}" + "".join(f"{value:>10}" for value in row[1:]))
     for r in report["lut_vs_mae"]:
         print(f"LUT / MAE{' compiled' if r['compiled'] else ''}: step time x{r['step_time_ratio']:.3f}, "
               f"FLOPs x{r['flop_ratio']:.3f}")
@@ -233,6 +191,31 @@ def main(args):
         p = report["pipeline"]
         print(f"input pipeline, images/s per DataLoader worker ({p['images']} images, {p['source']}): "
               + ", ".join(f"{name} {rate:.1f}" for name, rate in p["images_per_s"].items()))
+
+
+def main(args):
+    device, dtype = args.device, PEAK_DTYPE[args.amp]
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(getattr(torch, dtype), device)
+    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda"
+                  else f"cpu, {torch.get_num_threads()} threads", peak_flops_per_s=peak,
+                  peak_source="--peak_tflops" if args.peak_tflops else f"measured torch.mm {dtype}",
+                  config=dict(vars(args)), steps=[], lut_vs_mae=[])
+    other = {"lut": "mae", "mae": "lut"}[args.model[:3]] + args.model[3:]  # the same size, the other method
+    names = [args.model] + ([other] if args.compare and other in models_lut.MODELS else [])
+    for compiled in [False, True] if args.compile else [False]:
+        for name in names:
+            print(f"measuring {name}{' compiled' if compiled else ''} ...", file=sys.stderr, flush=True)
+            step = measure_step(args, name, compiled)
+            report["steps"].append(dict(step, mfu=step["achieved_flops_per_s"] / peak))
+        if len(names) == 2:
+            lut, mae = sorted(report["steps"][-2:], key=lambda step: step["model"])  # lut_* sorts before mae_*
+            report["lut_vs_mae"].append(dict(compiled=compiled,
+                                             step_time_ratio=lut["step_time_s"] / mae["step_time_s"],
+                                             flop_ratio=lut["flops_per_step"] / mae["flops_per_step"]))
+    if args.num_images > 0:
+        with tempfile.TemporaryDirectory() as folder:
+            report["pipeline"] = measure_pipeline(args, folder)
+    print_report(report)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1, default=str)  # str: the torch.device

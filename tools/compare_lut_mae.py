@@ -5,12 +5,11 @@
         --epochs 200 --batch_size 256 --probe_epochs 90 --launcher "torchrun --nproc_per_node=8" --output_dir out/cmp
 
 The paper's claim (LUT's features beat MAE's at equal pre-training epochs) checked at whatever scale you can afford.
-Both methods get the same images, seed, epochs, batch, input size, mask ratio and lr rule (each its own default
-otherwise); each then runs main_knn.py with CLS-token and mean-patch-token features and main_linprobe.py with each.
-Every step is an ordinary run of the training scripts (printed before it starts) in output_dir/<method>/..., so an
-interrupted comparison resumes where it stopped. The table is printed and written to output_dir/results.json.
-Accuracies are those of the last probe epoch (no selection on the validation set). On a CPU, shrink the default
-budget (e.g. --patch_size 8 --epochs 5) and set OMP_NUM_THREADS to the cores you have.
+Both methods get the same images, seed, epochs, batch, input size, mask ratio and lr rule; each is then evaluated by
+main_knn.py and main_linprobe.py on CLS-token and on mean-patch-token features (last probe epoch, no selection on the
+validation set). Every step is an ordinary run of the training scripts (printed first) in output_dir/<method>/..., so
+an interrupted comparison resumes where it stopped. The table is printed and written to output_dir/results.json.
+On a CPU, shrink the budget (e.g. --patch_size 8 --epochs 5) and set OMP_NUM_THREADS to the cores you have.
 """
 import argparse
 import json
@@ -22,13 +21,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POOLS = {"token": [], "avg": ["--global_pool"]}
+COLUMNS = {"method": "method", "pretrain_minutes": "pre-train min", "pretrain_loss": "final loss",
+           "knn_token": "k-NN cls", "knn_avg": "k-NN avg", "linprobe_token": "linear cls", "linprobe_avg": "linear avg"}
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", default=os.path.join(ROOT, "data", "demo"),
-                        help="ImageFolder root with train/<class>/ and val/<class>/ (default: the demo data, "
-                             "written there first if missing)")
+                        help="ImageFolder root with train/<class>/ and val/<class>/ (default: the demo data)")
     parser.add_argument("--output_dir", default=os.path.join(ROOT, "output_dir", "compare_lut_mae"))
     parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base", "large"], help="ViT size")
     parser.add_argument("--input_size", default=32, type=int)
@@ -37,14 +37,12 @@ def get_args_parser():
     parser.add_argument("--warmup_epochs", default=2, type=int, help="pre-training warm-up epochs")
     parser.add_argument("--batch_size", default=64, type=int, help="pre-training images per process")
     parser.add_argument("--blr", default=1.5e-3, type=float,
-                        help="pre-training base lr (the recipes' 1.5e-4 is for effective batch 4096 and 1600 epochs; "
-                             "short runs on small data learn faster with more)")
-    parser.add_argument("--head_mlp_dim", default=1024, type=int, help="LUT projector / predictor width (the recipes: 4096)")
+                        help="pre-training base lr (the recipes' 1.5e-4 suits batch 4096, 1600 epochs; not short runs)")
+    parser.add_argument("--head_mlp_dim", default=1024, type=int, help="LUT projector / predictor width (recipe: 4096)")
     parser.add_argument("--probe_epochs", default=10, type=int)
     parser.add_argument("--probe_batch_size", default=64, type=int)
     parser.add_argument("--probe_lr", default=5.0, type=float,
-                        help="absolute LARS lr of the linear probe. MAE's protocol has 6.4 (0.1 x 16384 / 256); "
-                             "LARS steps are lr x 0.001 x |w|, so short probes at small batches need a large lr too")
+                        help="absolute LARS lr of the linear probe (MAE's protocol: 0.1 x 16384 / 256 = 6.4)")
     parser.add_argument("--num_workers", default=4, type=int)
     parser.add_argument("--seed", default=0, type=int)
     parser.add_argument("--launcher", default=sys.executable,
@@ -97,11 +95,8 @@ def evaluate_method(method, args):
 
 
 def format_table(rows):
-    header = ["method", "pre-train min", "final loss", "k-NN cls", "k-NN avg", "linear cls", "linear avg"]
-    keys = ["method", "pretrain_minutes", "pretrain_loss", "knn_token", "knn_avg", "linprobe_token", "linprobe_avg"]
-    lines = [" | ".join(header), " | ".join("---" for _ in header)]
-    for row in rows:
-        lines.append(" | ".join(str(row[k]) if isinstance(row[k], str) else f"{row[k]:.2f}" for k in keys))
+    lines = [" | ".join(COLUMNS.values()), " | ".join("---" for _ in COLUMNS)]
+    lines += [" | ".join(str(row[k]) if isinstance(row[k], str) else f"{row[k]:.2f}" for k in COLUMNS) for row in rows]
     return "\n".join(lines)
 
 
@@ -115,9 +110,8 @@ def main(args):
                              f"does not exist")
     os.makedirs(args.output_dir, exist_ok=True)
     rows = [evaluate_method(method, args) for method in ("lut", "mae")]
-    table = format_table(rows)
     print(f"\nLUT vs MAE, ViT-{args.size}, {args.epochs} pre-training epochs on {args.data_path} "
-          f"(top-1 %, last epoch / k = 20):\n{table}")
+          f"(top-1 %, last epoch / k = 20):\n{format_table(rows)}")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": rows}, f, indent=1)
     return rows

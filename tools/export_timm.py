@@ -2,36 +2,22 @@
 
     python tools/export_timm.py --checkpoint lut.pth --checkpoint_key model --output lut_vit_base.safetensors
 
-The file holds timm's keys for a ViT with a CLS token and a final norm (global_pool='token', the default):
-cls_token, pos_embed, patch_embed.proj.*, blocks.*, norm.*; no classifier. Then
-
-    model = timm.create_model('vit_base_patch16_224', pretrained=True,
-                              pretrained_cfg_overlay=dict(file='lut_vit_base.safetensors', num_classes=0))
-    model.forward_features(x)   # == our forward_encoder(x): [B, 1 + L, D], CLS first, after the final norm
-
-or timm.create_model('vit_base_patch16_224', num_classes=0, checkpoint_path='lut_vit_base.safetensors'). The tool
-prints the exact call for the exported size (and stores it in the file's metadata), then checks that timm's model
-loads the file with no missing or unexpected keys and reproduces our encoder's features on a random input.
-Inputs are normalised with the ImageNet mean and std (timm's vit_*_224 configs default to 0.5 / 0.5; the printed
-overlay sets them). For fine-tuning with global average pooling (timm's fc_norm), MAE's recipe starts fc_norm afresh:
-create the model with global_pool='avg' and load this file with timm.models.load_checkpoint(model, path,
-strict=False) (norm.* is then unused).
+The file has timm's keys for a ViT with CLS token and final norm (global_pool='token'), no classifier. The tool checks
+that timm loads it strictly and that forward_features reproduces our forward_encoder, then prints the
+timm.create_model call (also in the file's metadata), whose overlay sets our ImageNet mean and std. For
+global_pool='avg' (MAE's fine-tuning recipe), load it with timm.models.load_checkpoint(model, path, strict=False).
 """
 import argparse
 import json
 import os
-import sys
 
 import timm
 import torch
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-# Run as a script from anywhere: the project root holds models_lut and util.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+from analysis import add_checkpoint_args, load_model  # first: it puts the repository root on sys.path
 import models_lut
-from analysis import load_model
 from util.pretrained import ENCODER_PREFIXES
 # Our evaluation view (util.augment.eval_transform): bicubic resize to input / 0.875, centre crop, ImageNet mean/std.
 DATA_CONFIG = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875, interpolation="bicubic")
@@ -39,12 +25,7 @@ DATA_CONFIG = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pc
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="pre-training checkpoint (ours, the LUT authors' or MAE's)")
-    parser.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"],
-                        help="'model' (student, what the LUT authors fine-tune) or 'model_ema' (teacher)")
-    parser.add_argument("--model", default=None, choices=sorted(models_lut.MODELS),
-                        help="architecture name, when the checkpoint's args do not give a known one")
+    add_checkpoint_args(parser, many_checkpoints=False)
     parser.add_argument("--output", required=True, metavar="PATH.safetensors", help="file to write")
     return parser
 

@@ -16,40 +16,26 @@ from PIL import Image
 NPZ = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "fashion_mnist_demo.npz")
 
 
-def expected_files(data, split):
-    """{class_name: sorted PNG file names} of one split."""
-    names = data["class_names"]
-    files = {str(c): [] for c in names}
-    for label, index in zip(data[f"{split}_labels"], data[f"{split}_source_index"]):
-        files[str(names[label])].append(f"{index:05d}.png")
-    return {c: sorted(f) for c, f in files.items()}
-
-
-def is_complete(split_dir, files):
-    return all(
-        os.path.isdir(os.path.join(split_dir, c)) and sorted(os.listdir(os.path.join(split_dir, c))) == f
-        for c, f in files.items()
-    )
-
-
 def write_split(data, split, out):
     """Write one split into a temporary folder, then rename it, so an interrupted run leaves no partial split."""
+    names = [str(c) for c in data["class_names"]]
+    images = list(zip(data[f"{split}_images"], data[f"{split}_labels"], data[f"{split}_source_index"]))
     split_dir = os.path.join(out, split)
-    files = expected_files(data, split)
     if os.path.isdir(split_dir):
-        if is_complete(split_dir, files):
+        expected = {c: sorted(f"{index:05d}.png" for _, label, index in images if names[label] == c) for c in names}
+        if all(os.path.isdir(os.path.join(split_dir, c)) and sorted(os.listdir(os.path.join(split_dir, c))) == files
+               for c, files in expected.items()):
             print(f"{split_dir} is complete, skipping")
             return
         raise FileExistsError(f"{split_dir} exists but is not the demo data; remove it or choose another --out")
     tmp = split_dir + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
-    names = data["class_names"]
     for c in names:
-        os.makedirs(os.path.join(tmp, str(c)))
-    for img, label, index in zip(data[f"{split}_images"], data[f"{split}_labels"], data[f"{split}_source_index"]):
-        Image.fromarray(img).convert("RGB").save(os.path.join(tmp, str(names[label]), f"{index:05d}.png"))
+        os.makedirs(os.path.join(tmp, c))
+    for img, label, index in images:
+        Image.fromarray(img).convert("RGB").save(os.path.join(tmp, names[label], f"{index:05d}.png"))
     os.rename(tmp, split_dir)
-    print(f"wrote {len(data[f'{split}_labels'])} images to {split_dir}")
+    print(f"wrote {len(images)} images to {split_dir}")
 
 
 def main():

@@ -4,24 +4,19 @@
         --mask_ratio 0.75 --output_dir analysis
 
 One row per image: original, masked input (removed patches grey), reconstruction, reconstruction with the visible
-patches pasted in. The masking is the models' own (`models_lut.random_masking`, view 1) from noise seeded by --seed.
-A model trained with norm_pix_loss predicts each patch normalised by its own mean and std; those are taken from the
-original patch to draw it (as the usual MAE visualisations do), so the colours of removed patches are borrowed, their
-structure is predicted. Small inputs are enlarged (nearest neighbour) to at least 128 px.
+patches pasted in (analysis.reconstruction_rows), masked by `models_lut.random_masking` with noise seeded by --seed.
+Small inputs are enlarged to at least 128 px.
 Writes OUTPUT_DIR/reconstructions_mask<ratio in %>.png.
 """
 import argparse
 import os
-import sys
 
 import torch
 
-# Run as a script from anywhere: the project root holds models_lut and util.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models_lut import random_masking
+# analysis first: it puts the repository root on sys.path.
 from analysis import (add_common_args, check_common_args, enlarge, image_batches, load_model, pick_images,
                       reconstruction_rows, save_images, summary_writer)
+from models_lut import random_masking
 
 
 def get_args_parser():
@@ -53,17 +48,14 @@ def main(args):
                          "need a full pre-training checkpoint such as MAE's mae_visualize_vit_large.pth")
     norm_pix_loss = info["norm_pix_loss"] if args.norm_pix_loss is None else args.norm_pix_loss
     if norm_pix_loss is None:
-        raise ValueError(f"{args.checkpoint} does not record norm_pix_loss: pass --norm_pix_loss or "
-                         "--no-norm_pix_loss")
+        raise ValueError(f"{args.checkpoint} does not record norm_pix_loss: pass --norm_pix_loss or --no-norm_pix_loss")
     print(f"{info['name']} from {args.checkpoint} [{args.checkpoint_key}], norm_pix_loss={norm_pix_loss}, "
           f"mask ratio {args.mask_ratio}, {len(paths)} images")
     model.to(args.device)
     noise = torch.rand(len(paths), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    rows = []
-    for i, imgs in enumerate(image_batches(paths, model.patch_embed.img_size[0], args.batch_size)):
-        batch_noise = noise[i * args.batch_size:i * args.batch_size + imgs.shape[0]]
-        rows.append(reconstruct(model, imgs.to(args.device), args.mask_ratio, batch_noise.to(args.device),
-                                norm_pix_loss).cpu())
+    batches = zip(image_batches(paths, model.patch_embed.img_size[0], args.batch_size), noise.split(args.batch_size))
+    rows = [reconstruct(model, imgs.to(args.device), args.mask_ratio, batch_noise.to(args.device), norm_pix_loss).cpu()
+            for imgs, batch_noise in batches]
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"reconstructions_mask{round(args.mask_ratio * 100)}.png")
     with summary_writer(args.log_dir) as writer:

@@ -3,28 +3,18 @@
     python tools/spectrum.py --checkpoints mae.pth lut.pth --labels MAE LUT \
         --data_path /datasets/imagenet/val --num_images 1000 --output_dir analysis
 
-Every image is encoded with all patches visible; the features are the encoder outputs after its final norm:
-`pooled` = the mean of the patch tokens of each image (the vector LUT's projector reads, CLS excluded), `tokens` =
-every patch token of every image. The spectrum is that of the centred feature matrix (each row minus the mean row,
-so the squared singular values are the row count times the covariance eigenvalues), in descending order; the
-effective rank is exp(entropy of the singular values normalised to sum 1) (Roy & Vetterli, 2007), between 1 and the
-feature width.
+Features: the encoder outputs after its final norm, all patches visible; `pooled` = the mean patch token of each
+image (what LUT's projector reads), `tokens` = every patch token. The spectrum is that of the centred feature matrix;
+the effective rank is analysis.effective_rank (Roy & Vetterli, 2007), between 1 and the feature width.
 Writes OUTPUT_DIR/spectrum.json ({label: {pooled: {singular_values, effective_rank}, tokens: {...}, ...}}) and
 OUTPUT_DIR/spectrum.png (log-scale spectra, one colour per checkpoint).
 """
 import argparse
-import json
-import os
-import sys
 
 import torch
 
-# Run as a script from anywhere: the project root holds models_lut and util.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from analysis import (FeatureSpectrum, add_common_args, check_common_args, checkpoint_runs, effective_rank,
-                      image_batches, load_model, pick_images, require_matplotlib, save_figure,
-                      summary_writer)
+from analysis import (FeatureSpectrum, add_common_args, analyse_checkpoints, effective_rank, image_batches,
+                      require_matplotlib, save_figure)
 
 FEATURES = {"pooled": "mean of patch tokens, per image", "tokens": "patch tokens"}
 
@@ -37,14 +27,19 @@ def get_args_parser():
 
 
 @torch.no_grad()
-def encoder_spectra(model, paths, batch_size, device):
-    """{'pooled': singular values, 'tokens': singular values} of the encoder features of the images `paths`."""
+def encoder_spectra(model, paths, args):
+    """The JSON fields of one model: {effective_rank, singular_values} of its 'pooled' and its 'tokens' features."""
     spectra = {name: FeatureSpectrum(model.pos_embed.shape[-1]) for name in FEATURES}
-    for imgs in image_batches(paths, model.patch_embed.img_size[0], batch_size):
-        patches = model.forward_encoder(imgs.to(device))[:, 1:, :]
+    for imgs in image_batches(paths, model.patch_embed.img_size[0], args.batch_size):
+        patches = model.forward_encoder(imgs.to(args.device))[:, 1:, :]
         spectra["pooled"].update(patches.mean(dim=1))
         spectra["tokens"].update(patches.flatten(0, 1))
-    return {name: s.singular_values() for name, s in spectra.items()}
+    results = {}
+    for name, spectrum in spectra.items():
+        s = spectrum.singular_values()
+        results[name] = dict(effective_rank=effective_rank(s), singular_values=s.tolist())
+        print(f"  {name}: effective rank {results[name]['effective_rank']:.2f} of {len(s)}")
+    return results
 
 
 def plot(results, path, writer=None):
@@ -66,26 +61,7 @@ def plot(results, path, writer=None):
 
 
 def main(args):
-    check_common_args(args, needs_matplotlib=not args.no_plot)
-    paths = pick_images(args.data_path, args.num_images)
-    runs = checkpoint_runs(args)
-    os.makedirs(args.output_dir, exist_ok=True)
-    results = {}
-    for label, path, key in runs:
-        model, info = load_model(path, key, args.model)
-        print(f"{label}: {info['name']} from {path} [{key}], {len(paths)} images")
-        spectra = encoder_spectra(model.to(args.device), paths, args.batch_size, args.device)
-        results[label] = dict(checkpoint=path, checkpoint_key=key, model=info["name"], num_images=len(paths))
-        for name, s in spectra.items():
-            results[label][name] = dict(effective_rank=effective_rank(s), singular_values=s.tolist())
-            print(f"  {name}: effective rank {results[label][name]['effective_rank']:.2f} of {len(s)}")
-    json_path = os.path.join(args.output_dir, "spectrum.json")
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"wrote {json_path}")
-    if not args.no_plot:
-        with summary_writer(args.log_dir) as writer:
-            plot(results, os.path.join(args.output_dir, "spectrum.png"), writer)
+    analyse_checkpoints(args, "spectrum", encoder_spectra, plot)
 
 
 if __name__ == "__main__":
