@@ -19,6 +19,7 @@ from util.run import end_run, open_outputs
 def add_data_args(parser):
     group = parser.add_argument_group("data and evaluation")
     group.add_argument("--data_path", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
+    group.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the class folders')")
     group.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint on val/")
     group.add_argument("--dist_eval", action="store_true",
                        help="evaluate on a shard of val/ per rank (exact: no image is repeated or dropped)")
@@ -30,27 +31,37 @@ def check_data_args(args):
 
 
 def build_datasets(args, train_transform, val_transform):
-    """(train, val) ImageFolders of args.data_path; sets args.nb_classes. Fails with a clear message on bad data."""
+    """(train, val) ImageFolders of args.data_path, train None with --eval (which reads val/ only); checks and sets
+    args.nb_classes. Fails with a clear message on bad data."""
     try:
-        train = build_imagefolder(args.data_path, "train", train_transform, training=True)
         val = build_imagefolder(args.data_path, "val", val_transform)
-        check_images([path for path, _ in train.samples])
+        train = None if args.eval else build_imagefolder(args.data_path, "train", train_transform, training=True)
+        if train is not None:
+            check_images([path for path, _ in train.samples])
     except (OSError, ValueError) as e:
         raise SystemExit(f"--data_path: {e}")
-    if train.classes != val.classes:
+    if train is not None and train.classes != val.classes:
         raise SystemExit(f"--data_path: {args.data_path}/train and {args.data_path}/val have different classes")
-    args.nb_classes = len(train.classes)
-    print(f"{len(train)} training and {len(val)} validation images, {args.nb_classes} classes")
+    if args.nb_classes not in (None, len(val.classes)):
+        raise SystemExit(f"--nb_classes {args.nb_classes}, but {args.data_path}/val has {len(val.classes)} classes")
+    args.nb_classes = len(val.classes)
+    print(f"{len(train) if train else 'no'} training and {len(val)} validation images, {args.nb_classes} classes")
     return train, val
 
 
 def build_loaders(args, train_set, val_set, device):
     """Training loader (shuffled, split over ranks, drop_last, able to skip the batches a preempted run already
-    trained on) and validation loader (the whole set on every rank, or one shard per rank with --dist_eval);
-    sets args.steps_per_epoch."""
+    trained on; None without a train_set) and validation loader (the whole set on every rank, or one shard per rank
+    with --dist_eval); sets args.steps_per_epoch."""
+    pin = args.pin_mem and device.type == "cuda"
+    if args.dist_eval and args.distributed:
+        val_set = rank_shard(val_set, args.rank, args.world_size)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+                                             pin_memory=pin)
+    if train_set is None:
+        return None, val_loader
     sampler = ResumableDistributedSampler(len(train_set), args.world_size, args.rank, shuffle=True, seed=args.seed,
                                           with_seeds=False)
-    pin = args.pin_mem and device.type == "cuda"
     train_loader = torch.utils.data.DataLoader(
         train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin,
         drop_last=True, persistent_workers=args.num_workers > 0)
@@ -58,10 +69,6 @@ def build_loaders(args, train_set, val_set, device):
     if args.steps_per_epoch == 0:
         raise SystemExit(f"{len(train_set)} training images are fewer than one optimizer step "
                          f"({args.batch_size} x {args.accum_iter} x {args.world_size} ranks)")
-    if args.dist_eval and args.distributed:
-        val_set = rank_shard(val_set, args.rank, args.world_size)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
-                                             pin_memory=pin)
     return train_loader, val_loader
 
 
@@ -118,23 +125,24 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
 
 
 @torch.no_grad()
-def evaluate(model, data_loader, device, amp="none", reduce=False):
+def evaluate(model, data_loader, device, amp="none", reduce=False, classes=None, header="Test:"):
     """Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` on `data_loader` (images, labels).
 
     reduce: the loader holds this rank's shard of the data (--dist_eval); counts are summed over ranks, so the result
     equals a single-process evaluation of the whole set. model: unwrapped (not DDP), since shards may differ in length.
+    classes: indices of the logits that compete (the labels index into them), e.g. ImageNet-R's 200 of 1000.
     Returns dict(acc1, acc5, loss, count).
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     # loss sum, top-1 hits, top-5 hits, images; float64 keeps the counts exact.
     totals = torch.zeros(4, dtype=torch.float64, device=device)
-    for images, targets in MetricLogger(header="Test:", print_freq=50).log_every(data_loader):
+    for images, targets in MetricLogger(header=header, print_freq=50).log_every(data_loader):
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
             output = model(images)
-        output = output.float()
+        output = output.float() if classes is None else output[:, classes].float()
         acc1, acc5 = accuracy(output, targets, topk=(1, 5))
         n = targets.shape[0]
         # timm's accuracy is a percentage of this batch: back to hit counts (rounding removes float error).

@@ -18,16 +18,16 @@ from PIL import Image
 from timm.data import Mixup, auto_augment, create_transform
 from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import param_groups_layer_decay
 
 import models_vit
 from engine_finetune import add_data_args, build_datasets, build_loaders, check_data_args, evaluate, fit
 from util.augment import eval_transform
 from util.checkpoint import find_resume_checkpoint, load_checkpoint
+from util.dist import destroy_distributed
 from util.lr_sched import add_schedule_args, set_lr
 from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
 from util.rng import seed_everything
-from util.run import add_run_args, lock_output_dir, start_run
+from util.run import add_run_args, lock_output_dir, run_is_finished, start_run
 
 # The ViT-B recipes of the LUT authors and of MAE differ only in the lr rule, base lr and layer decay.
 RECIPES = {
@@ -78,8 +78,8 @@ def mixup_active(args):
 
 def check_args(args):
     """Fine-tuning's own checks; fills --lr_scale / --blr / --layer_decay from --recipe where not given."""
-    check_encoder_args(args)
     check_data_args(args)
+    check_encoder_args(args)
     for name, value in RECIPES[args.recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -121,13 +121,33 @@ def build_model(args, pretrained):
     return model
 
 
+def param_groups_lrd(model, weight_decay, layer_decay):
+    """Parameter groups with layer-wise lr decay, MAE's rule (which the LUT authors use too): layer 0 is cls_token,
+    pos_embed and patch_embed, block i is layer i + 1, everything else (norm, fc_norm, head) layer depth + 1; a
+    parameter of layer l gets lr_scale = layer_decay^(depth + 1 - l). No weight decay on 1-D parameters, cls_token and
+    pos_embed. (timm's param_groups_layer_decay puts the final norm with the last block instead.)"""
+    top = len(model.blocks) + 1
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed."):
+            layer = 0
+        elif name.startswith("blocks."):
+            layer = int(name.split(".")[1]) + 1
+        else:
+            layer = top
+        no_decay = p.ndim == 1 or name in model.no_weight_decay()
+        group = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
+                                                          lr_scale=layer_decay ** (top - layer)))
+        group["params"].append(p)
+    return list(groups.values())
+
+
 def build_optimizer(args, model, device):
-    """AdamW (0.9, 0.999) with layer-wise lr decay: parameter group lr_scale = layer_decay^(depth + 1 - layer), layer
-    0 being the embeddings (patch_embed, cls_token, pos_embed), i the i-th block, depth + 1 fc_norm and the head.
-    No weight decay on biases, norms, cls_token and pos_embed. The fused kernel (CUDA and CPU) updates all
-    parameters in one pass, the same math as the per-tensor loop."""
-    param_groups = param_groups_layer_decay(model, args.weight_decay, model.no_weight_decay(),
-                                            layer_decay=args.layer_decay)
+    """AdamW (0.9, 0.999) with MAE's layer-wise lr decay (param_groups_lrd). The fused kernel (CUDA and CPU) updates
+    all parameters in one pass, the same math as the per-tensor loop."""
+    param_groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
     return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
 
 
@@ -149,6 +169,8 @@ def main(args):
     device = start_run(args)
     check_args(args)
     if not args.eval:
+        if run_is_finished(args):
+            return destroy_distributed()
         lock_output_dir(args.output_dir)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own augmentations; DDP copies rank 0's initial weights

@@ -54,7 +54,9 @@ def main(args):
     if args.output_dir and is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "knn.json"), "w") as f:
-            json.dump({**stats, "finetune": args.finetune, "checkpoint_key": args.checkpoint_key}, f)
+            json.dump({**stats, "finetune": args.finetune, "checkpoint_key": args.checkpoint_key, "k": args.nb_knn,
+                       "temperature": args.temperature, "pool": "avg" if args.global_pool else "token",
+                       "input_size": args.input_size, "patch_size": args.patch_size}, f)
     destroy_distributed()
     return stats
 

@@ -1,8 +1,8 @@
 """Linear probing of a frozen pre-trained encoder, MAE's protocol, on one CPU/GPU or with torchrun / srun.
 
 The encoder is frozen; only BatchNorm (no affine) + a linear layer on its features are trained, with LARS, no
-weight decay, RandomResizedCrop + flip. Features are the CLS token after the final norm (--global_pool: the mean of
-the final-norm patch tokens instead).
+weight decay, MAE's RandomResizedCrop + flip. Features are the CLS token after the final norm; --global_pool: MAE's
+fresh, frozen fc_norm on the mean of the pre-norm patch tokens; --lut_global: the mean of the final-norm patch tokens.
 
     torchrun --nproc_per_node=8 main_linprobe.py --model vit_base_patch16 --finetune lut_b.pth \
         --data_path /imagenet --batch_size 512 --accum_iter 4 --dist_eval --output_dir out/lin_b
@@ -14,20 +14,19 @@ import json
 import os
 
 import torch
-import torchvision.transforms as T
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 
 import models_vit
 from engine_finetune import add_data_args, build_datasets, build_loaders, check_data_args, evaluate, fit
-from util.augment import eval_transform
+from util.augment import eval_transform, linprobe_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import find_resume_checkpoint, load_checkpoint
+from util.dist import destroy_distributed
 from util.lars import LARS
 from util.lr_sched import add_schedule_args, set_lr
 from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
 from util.rng import seed_everything
-from util.run import add_run_args, lock_output_dir, start_run
+from util.run import add_run_args, lock_output_dir, run_is_finished, start_run
 
 
 def get_args_parser():
@@ -36,8 +35,13 @@ def get_args_parser():
     add_schedule_args(parser, sqrt_divisor=8, batch_size=512, epochs=90, blr=0.1, lr_scale="linear", min_lr=0.0,
                       warmup_epochs=10, weight_decay=0.0)
     add_encoder_args(parser)
-    parser.add_argument("--global_pool", action="store_true",
-                        help="probe the mean of the final-norm patch tokens instead of the CLS token")
+    pool = parser.add_mutually_exclusive_group()
+    pool.add_argument("--global_pool", action="store_true",
+                      help="MAE's global pooling instead of the CLS token: the mean of the patch tokens before the "
+                           "final norm, through a new LayerNorm fc_norm (frozen at its initialisation)")
+    pool.add_argument("--lut_global", action="store_true",
+                      help="LUT's global vector instead of the CLS token: the mean of the final-norm patch tokens "
+                           "(what LUT's broader-context loss trains)")
     add_data_args(parser)
     add_run_args(parser)
     return parser
@@ -47,7 +51,7 @@ def build_model(args, pretrained):
     """Frozen ViT encoder + BatchNorm1d(affine=False) + Linear; only the head trains."""
     model = models_vit.MODELS[args.model](
         img_size=args.input_size, patch_size=args.patch_size, num_classes=args.nb_classes,
-        global_pool="avg" if args.global_pool else "token", fc_norm=False)
+        global_pool="avg" if args.global_pool or args.lut_global else "token", fc_norm=args.global_pool)
     if pretrained and args.finetune:
         load_pretrained(model, args.finetune, args.checkpoint_key)
     elif pretrained:
@@ -65,19 +69,15 @@ def build_model(args, pretrained):
 def main(args):
     """Linear-probe (or with --eval only evaluate) as `args` describes."""
     device = start_run(args)
-    check_encoder_args(args)
     check_data_args(args)
+    check_encoder_args(args)
     if not args.eval:
+        if run_is_finished(args):
+            return destroy_distributed()
         lock_output_dir(args.output_dir)
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own crops
-    train_transform = T.Compose([
-        T.RandomResizedCrop(args.input_size, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-    ])
-    train_set, val_set = build_datasets(args, train_transform, eval_transform(args.input_size))
+    train_set, val_set = build_datasets(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
     train_loader, val_loader = build_loaders(args, train_set, val_set, device)
     print(json.dumps(vars(args), indent=1, default=str))
 

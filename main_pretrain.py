@@ -20,12 +20,12 @@ from util.augment import LUTTwoViews, mae_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import find_resume_checkpoint, load_training_state, save_epoch
 from util.datasets import PretrainDataset, ResumableDistributedSampler, check_images, find_images
-from util.dist import wrap_ddp
+from util.dist import destroy_distributed, wrap_ddp
 from util.knn import KNNEvaluator
 from util.lr_sched import add_schedule_args, set_lr
 from util.preemption import PreemptionHandler
 from util.rng import seed_everything
-from util.run import add_run_args, end_run, lock_output_dir, open_outputs, start_run
+from util.run import add_run_args, end_run, lock_output_dir, open_outputs, run_is_finished, start_run
 
 
 def get_args_parser():
@@ -109,9 +109,13 @@ def build_model(args):
 
 
 def main(args):
-    """Run (or resume) the pre-training described by `args`; returns the trained (student, teacher or None)."""
+    """Run (or resume) the pre-training described by `args`; returns the trained (student, teacher or None), or
+    (None, None) when output_dir holds the run finished."""
     device = start_run(args)
     paths = check_args(args)
+    if run_is_finished(args):
+        destroy_distributed()
+        return None, None
     lock_output_dir(args.output_dir)
     knn = None
     if args.knn_freq:

@@ -26,5 +26,5 @@ if __name__ == "__main__":
     parser.add_argument("--dump_weights", action="store_true")
     args = parser.parse_args()
     student, _ = main_pretrain.main(args)
-    if args.dump_weights:
+    if args.dump_weights and student is not None:
         torch.save(student.state_dict(), os.path.join(args.output_dir, f"rank{args.rank}.pth"))

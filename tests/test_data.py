@@ -333,3 +333,12 @@ def test_fast_decode_changes_the_views_only_slightly(tmp_path):
             # normalised units (one 8-bit level is about 0.017): small resampling differences, same crop and flip
             assert (a - b).abs().mean() < 0.05
             assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1] > 0.98
+
+
+@pytest.mark.parametrize("input_size, resize", [(224, 256), (112, 128), (384, 384), (448, 448)])
+def test_evaluation_view_resizes_as_mae_then_centre_crops(input_size, resize):
+    """MAE's rule: crop ratio 224/256 up to 224 px, 1 above (a 384 px model sees a 384 resize, no border cut)."""
+    img = random_image(300, 400)
+    expected = T.Compose([T.Resize(resize, interpolation=BICUBIC), T.CenterCrop(input_size), T.ToTensor(),
+                          T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])(img)
+    assert torch.equal(eval_transform(input_size)(img), expected)

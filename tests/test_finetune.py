@@ -1,6 +1,7 @@
 """Fine-tuning, linear probing and k-NN of pre-trained encoders: loading, layer decay, LARS, and end-to-end runs."""
 import argparse
 import copy
+import math
 import json
 import os
 import pickle
@@ -10,13 +11,17 @@ import subprocess
 import sys
 
 import pytest
+from unittest.mock import patch
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import main_finetune
+import main_linprobe
 import models_lut
 import models_vit
 from runs import MICRO_FINETUNE, MICRO_PRETRAIN, ROOT, ENV, TORCHRUN, epoch_log, run as run_cmd
+from util import augment
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.lars import LARS
 from util.lr_sched import adjust_learning_rate, set_lr
@@ -52,26 +57,33 @@ def checkpoint_in_format(fmt):
     s, t = student.state_dict(), teacher.state_dict()
     if fmt == "ours":
         ckpt = {"model": s, "model_ema": t, "optimizer": {"state": {}, "param_groups": []}, "epoch": 3,
-                "args": {"model": "lut_vit_micro"}}
-    else:  # the authors' code keeps the teacher in a wrapper (keys 'ema.*') and args as a Namespace
+                "args": {"model": "lut_vit_micro", "input_size": 32}}
+    elif fmt == "authors":  # the authors' code keeps the teacher in a wrapper (keys 'ema.*') and args as a Namespace
         ckpt = {"model": s, "model_ema": {f"ema.{k}": v for k, v in t.items()}, "epoch": 3,
                 "args": argparse.Namespace(model="lut_vit_base_patch16", blr=1.5e-4)}
+    elif fmt == "mocov3":  # DDP-saved base and momentum encoders under 'state_dict'
+        ckpt = {"state_dict": {**{f"module.base_encoder.{k}": v for k, v in s.items()},
+                               **{f"module.momentum_encoder.{k}": v for k, v in t.items()}}, "epoch": 3}
+    else:  # DINO / iBOT: student and teacher, backbone and projection head
+        ckpt = {"student": {f"module.backbone.{k}": v for k, v in t.items()},
+                "teacher": {f"backbone.{k}": v for k, v in s.items()}, "epoch": 3}
     return ckpt, s, t
 
 
-@pytest.mark.parametrize("fmt", ["ours", "authors", "mae"])
-@pytest.mark.parametrize("checkpoint_key", ["model", "model_ema"])
+@pytest.mark.parametrize("fmt, checkpoint_key", [
+    ("ours", "model"), ("ours", "model_ema"), ("authors", "model"), ("authors", "model_ema"), ("mae", "model"),
+    ("mae", "model_ema"), ("mocov3", "state_dict"), ("dino", "teacher")])
 def test_pretrained_checkpoints_load_with_only_the_new_head_missing(tmp_path, fmt, checkpoint_key):
     ckpt, student, teacher = checkpoint_in_format(fmt)
     save_checkpoint(ckpt, tmp_path / "ckpt.pth")
     model = vit()
     if fmt == "mae" and checkpoint_key == "model_ema":
-        with pytest.raises(KeyError, match="MAE checkpoints have no teacher"):
+        with pytest.raises(KeyError, match=r"no weights under --checkpoint_key 'model_ema' \(it has \['model'\]\)"):
             load_pretrained(model, tmp_path / "ckpt.pth", checkpoint_key)
         return
     missing = load_pretrained(model, tmp_path / "ckpt.pth", checkpoint_key)
     assert missing == NEW_HEAD
-    source = student if checkpoint_key == "model" else teacher
+    source = teacher if checkpoint_key == "model_ema" else student
     loaded = model.state_dict()
     for k in loaded:
         if k not in NEW_HEAD:
@@ -98,15 +110,60 @@ def test_loaded_encoder_computes_the_pretraining_features(tmp_path):
         torch.testing.assert_close(model.eval().forward_features(imgs), student.eval().forward_encoder(imgs))
 
 
-def test_pos_embed_is_resampled_for_a_larger_input(tmp_path):
+@pytest.mark.parametrize("pool", ["cls", "global_pool", "lut_global"])
+def test_linear_probe_features_are_maes_or_luts_pooling(tmp_path, pool):
+    ckpt, _, _ = checkpoint_in_format("ours")
+    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    student = models_lut.LUT(**ENCODER, **DECODER, head_mlp_dim=64).eval()
+    student.load_state_dict(ckpt["model"])
+    args = main_linprobe.get_args_parser().parse_args(
+        ["--data_path", "x", "--model", "vit_tiny_patch16", "--finetune", str(tmp_path / "ckpt.pth"),
+         *([f"--{pool}"] if pool != "cls" else [])])
+    args.input_size, args.patch_size, args.nb_classes = 32, 8, 10
+    with patch.dict(models_vit.MODELS, vit_tiny_patch16=vit):
+        probe = main_linprobe.build_model(args, pretrained=True).eval()
+    imgs = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        normed = student.forward_encoder(imgs)  # [B, 1 + L, D] after the final norm
+        x = torch.cat([(student.cls_token + student.pos_embed[:, :1]).expand(3, -1, -1),
+                       student.patch_embed(imgs) + student.pos_embed[:, 1:]], dim=1)
+        for blk in student.blocks:
+            x = blk(x)  # before the final norm
+        expected = {"cls": normed[:, 0], "lut_global": normed[:, 1:].mean(dim=1),
+                    # MAE: a new LayerNorm (weight 1, bias 0, eps 1e-6) on the mean of the pre-norm patch tokens
+                    "global_pool": F.layer_norm(x[:, 1:].mean(dim=1), (32,), eps=1e-6)}[pool]
+        features = probe.forward_head(probe.forward_features(imgs), pre_logits=True)
+    torch.testing.assert_close(features, expected, rtol=1e-5, atol=1e-6)
+    assert [n for n, p in probe.named_parameters() if p.requires_grad] == ["head.1.weight", "head.1.bias"]
+
+
+def test_linear_probe_crop_is_maes_single_clamped_draw():
+    img = Image.new("RGB", (500, 375))
+    crop = augment.RandomResizedCrop(224, interpolation=augment.BICUBIC)
+    for seed in range(50):
+        torch.manual_seed(seed)
+        got = crop.get_params(img, crop.scale, crop.ratio)
+        # MAE's util/crop.py: area in scale x image area, log-uniform aspect ratio, rounded, clamped, one draw.
+        torch.manual_seed(seed)
+        area = 500 * 375 * torch.empty(1).uniform_(0.08, 1.0).item()
+        aspect = math.exp(torch.empty(1).uniform_(math.log(3 / 4), math.log(4 / 3)).item())
+        w, h = min(round((area * aspect) ** 0.5), 500), min(round((area / aspect) ** 0.5), 375)
+        top = torch.randint(0, 375 - h + 1, (1,)).item()
+        assert got == (top, torch.randint(0, 500 - w + 1, (1,)).item(), h, w), seed
+
+
+@pytest.mark.parametrize("img_size", [48, 24])  # 6 x 6 and 3 x 3 patches instead of 4 x 4
+def test_pos_embed_is_resampled_as_mae_does(tmp_path, img_size):
     ckpt, student, _ = checkpoint_in_format("mae")
     save_checkpoint(ckpt, tmp_path / "ckpt.pth")
-    model = vit(img_size=48)  # 6 x 6 patches instead of 4 x 4
+    model = vit(img_size=img_size)
     assert load_pretrained(model, tmp_path / "ckpt.pth") == NEW_HEAD
-    assert model.pos_embed.shape == (1, 1 + 36, 32)
-    assert torch.equal(model.pos_embed[:, 0], student["pos_embed"][:, 0])  # the CLS row is kept as is
-    # Resampling a smooth sin-cos table keeps it close to the table of the new grid's corners.
-    torch.testing.assert_close(model.pos_embed[0, 1], student["pos_embed"][0, 1], atol=0.3, rtol=0)
+    # MAE's interpolate_pos_embed: the CLS row as is, the [D, 4, 4] grid bicubic, align_corners=False, no antialias.
+    old, grid = student["pos_embed"], img_size // 8
+    patches = old[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    expected = torch.cat([old[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+    torch.testing.assert_close(model.pos_embed.detach(), expected, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("other,expected", [
@@ -173,6 +230,30 @@ def test_layer_decay_gives_each_block_its_lr_scale():
     plain.step()
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def mae_layer(name, depth):
+    """MAE's layer id (its util/lr_decay.py): embeddings 0, block i at i + 1, everything else depth + 1."""
+    block = re.match(r"blocks\.(\d+)\.", name)
+    if block:
+        return int(block.group(1)) + 1
+    return 0 if name in ("cls_token", "pos_embed") or name.startswith("patch_embed") else depth + 1
+
+
+@pytest.mark.parametrize("global_pool", ["avg", "token"])
+@pytest.mark.parametrize("layer_decay", [0.75, 0.65])
+def test_vit_b_layer_decay_follows_maes_rule_for_every_parameter(global_pool, layer_decay):
+    with torch.device("meta"):
+        model = models_vit.vit_base_patch16(num_classes=1000, global_pool=global_pool)
+    args = argparse.Namespace(weight_decay=0.05, layer_decay=layer_decay, lr=1e-3)
+    groups = main_finetune.param_groups_lrd(model, args.weight_decay, args.layer_decay)
+    group_of = {id(p): g for g in groups for p in g["params"]}
+    names = [n for n, _ in model.named_parameters()]
+    assert ("norm.weight" in names) == (global_pool == "token") and len(group_of) == len(names)
+    for name, p in model.named_parameters():
+        assert group_of[id(p)]["lr_scale"] == pytest.approx(layer_decay ** (13 - mae_layer(name, 12)), rel=1e-12), name
+        decays = p.ndim > 1 and name not in ("cls_token", "pos_embed")
+        assert group_of[id(p)]["weight_decay"] == (0.05 if decays else 0.0), name
 
 
 @pytest.mark.parametrize("recipe,lr", [("lut", 4e-3), ("mae", 2e-3)])
@@ -253,7 +334,7 @@ def probe_accuracy(demo, pretrained, tmp_path_factory):
     accuracy = {}
     for name, flags in (("pretrained", ["--finetune", pretrained]), ("random", [])):
         out = tmp_path_factory.mktemp(f"linprobe_{name}")
-        linprobe("--data_path", demo, "--output_dir", out, "--epochs", 10, "--global_pool", *flags)
+        linprobe("--data_path", demo, "--output_dir", out, "--epochs", 10, "--lut_global", *flags)
         accuracy[name] = last_log(out)["test_acc1"]
     print(f"linear probe top-1: {accuracy}")
     return accuracy
@@ -281,7 +362,10 @@ def test_knn_of_pretrained_encoder_is_far_above_chance(demo, pretrained, tmp_pat
     proc = run((MICRO_FINETUNE, "knn", "--model", "vit_micro"), "--data_path", demo, "--finetune", pretrained,
                "--output_dir", tmp_path)
     with open(tmp_path / "knn.json") as f:
-        top1 = json.load(f)["knn_top1"]
+        result = json.load(f)
+    top1 = result["knn_top1"]
+    assert {k: result[k] for k in ("k", "temperature", "pool", "input_size", "patch_size")} == dict(
+        k=20, temperature=0.07, pool="token", input_size=32, patch_size=8)
     assert top1 > 40, proc.stdout  # chance: 10 %
 
 
@@ -315,6 +399,34 @@ def test_bad_flags_fail_early_with_clear_message(flags, message):
     args = parser.parse_args(["--data_path", "x", "--device", "cpu", "--patch_size", "8", *flags])
     with pytest.raises(SystemExit, match=message):
         main_finetune.check_args(args)
+
+
+def test_image_and_patch_size_come_from_the_checkpoint_and_a_different_patch_size_is_refused(tmp_path):
+    ckpt, _, _ = checkpoint_in_format("ours")  # trained on 32 px images with 8 px patches
+    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
+    args = parser.parse_args(["--data_path", "x", "--finetune", str(tmp_path / "ckpt.pth")])
+    main_finetune.check_args(args)
+    assert (args.input_size, args.patch_size) == (32, 8)
+    args = parser.parse_args(["--data_path", "x", "--finetune", str(tmp_path / "ckpt.pth"), "--patch_size", "16"])
+    with pytest.raises(SystemExit, match=r"--patch_size 16, but .*ckpt.pth has 8-pixel patches "
+                                         r"\(patch_embed.proj.weight \[32, 3, 8, 8\]\): leave --patch_size out"):
+        main_finetune.check_args(args)
+
+
+def test_eval_reads_only_val_and_a_wrong_nb_classes_is_refused(demo, tmp_path):
+    torch.manual_seed(0)
+    save_checkpoint({"model": vit().state_dict(), "args": {"model": "vit_micro", "input_size": 32, "patch_size": 8}},
+                    tmp_path / "finetuned.pth")
+    (tmp_path / "data").mkdir()
+    os.symlink(demo / "val", tmp_path / "data" / "val")  # no train/
+    cmd = [sys.executable, MICRO_FINETUNE, "finetune", "--model", "vit_micro", "--eval", "--resume",
+           tmp_path / "finetuned.pth", "--data_path", tmp_path / "data", "--num_workers", "0"]
+    out = run_cmd(cmd).stdout
+    assert "no training and 1000 validation images, 10 classes" in out and "Accuracy on 1000 test images" in out
+    refused = run_cmd([*cmd, "--nb_classes", "1000"], check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"--nb_classes 1000, but {tmp_path / 'data'}/val has 10 classes" in refused.stderr
 
 
 def test_missing_val_folder_fails_early_with_clear_message(demo, tmp_path):

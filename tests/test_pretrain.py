@@ -145,11 +145,16 @@ def test_one_image_per_rank_is_allowed_when_batchnorm_statistics_span_ranks(flat
         main_pretrain.check_args(args)
 
 
-def test_resuming_another_architecture_is_refused(flat_images, tmp_path):
+def test_resuming_another_architecture_or_image_size_is_refused_in_one_line(flat_images, tmp_path):
     run("--data_path", flat_images, "--output_dir", tmp_path, "--epochs", "1", "--stop_at_step", "1",
         model="mae_vit_micro")
     proc = run("--data_path", flat_images, "--output_dir", tmp_path, "--epochs", "1", check=False)
-    assert proc.returncode != 0 and "was trained as mae_vit_micro" in proc.stderr
+    assert proc.returncode == 1 and "was trained as mae_vit_micro" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("--data_path", flat_images, "--output_dir", tmp_path, "--epochs", "1", "--input_size", "48",
+               model="mae_vit_micro", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "(trained with {'input_size': 32, 'patch_size': 8}) does not fit this run's model (input_size 48" \
+        in proc.stderr
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from runs import (ENV, MICRO_FINETUNE, MICRO_PRETRAIN, ROOT, assert_same_training_state, epoch_log, run)
@@ -23,7 +24,7 @@ def outputs(out):
     names = sorted(n for n in os.listdir(out) if not n.startswith((".lock", "events.out")))
     events = EventAccumulator(str(out))
     events.Reload()
-    scalars = {(tag, e.step, e.value) for tag in events.Tags()["scalars"] if tag.startswith("epoch/")
+    scalars = {(tag, e.step, e.value) for tag in events.Tags()["scalars"] if tag.startswith(("epoch/", "perf/"))
                for e in events.Scalars(tag)}
     return names, epoch_log(out), scalars
 
@@ -95,3 +96,31 @@ def test_a_second_run_into_a_folder_in_use_stops_at_once_and_a_dead_runs_lock_do
     (tmp_path / "checkpoint-last.pth.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-write leaves it
     run([*cmd, "--stop_at_step", "1"])  # the killed run's lock went with it
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_logs_have_maes_keys_and_tensorboard_tags(uninterrupted):
+    """Existing MAE dashboards and log parsers work: MAE's log.txt keys (plus ours) and TensorBoard tags."""
+    for script, keys, tags in (
+            ("pretrain", {"train_loss", "train_lr", "epoch", "n_parameters", "train_mim", "train_bc",
+                          "train_knn_top1"}, {"train_loss", "lr"}),
+            ("finetune", {"train_loss", "train_lr", "test_acc1", "test_acc5", "test_loss", "epoch", "n_parameters"},
+             {"loss", "lr", "perf/test_acc1", "perf/test_acc5", "perf/test_loss"})):
+        assert keys <= epoch_log(uninterrupted[script])[-1].keys()
+        events = EventAccumulator(str(uninterrupted[script]))
+        events.Reload()
+        assert tags <= set(events.Tags()["scalars"])
+        # the step-wise scalars against MAE's x-axis, epoch_1000x: 2 epochs of 4 steps, a print every 2 steps
+        assert [e.step for e in events.Scalars("lr")] == [500, 1000, 1500, 2000]
+
+
+def test_a_rerun_of_a_finished_job_says_so_and_touches_nothing(flat_images, tmp_path):
+    cmd = [*PRETRAIN[:-len(COMMON)], *COMMON, "--data_path", flat_images, "--output_dir", tmp_path, "--knn_freq",
+           "0", "--epochs", "1"]
+    run(cmd)
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    again = run(cmd)
+    assert f"{tmp_path} holds this run, finished: 1 epochs trained, nothing to do" in again.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth")  # a bare torch.load (weights_only by default) reads it
+    assert ckpt["args"]["model"] == "lut_vit_micro" and ckpt["epoch"] == 0

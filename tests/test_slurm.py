@@ -142,7 +142,7 @@ def test_two_task_job_completes_and_equals_torchrun(submit_job, flat_images, tmp
     info = job.wait(timeout=300)
     output = job.output()
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "0"), output
-    assert "distributed init: rank 0/2, local rank 0, gloo" in output
+    assert "| rank 0: all 2 ranks joined (gloo)" in output
     assert [r["epoch"] for r in epoch_log(job.out)] == list(range(EPOCHS))
     assert_same_training_state(torchrun_reference, job.out / "checkpoint-last.pth")
 

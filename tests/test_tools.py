@@ -10,6 +10,7 @@ import sys
 import pytest
 import timm
 import torch
+from safetensors import safe_open
 
 import models_lut
 from runs import ROOT as REPO
@@ -188,6 +189,8 @@ def test_encoder_exported_to_timm_gives_our_features(tmp_path, checkpoints, key)
         expected = ours.forward_encoder(imgs)
         torch.testing.assert_close(via_cfg.eval().forward_features(imgs), expected)
         torch.testing.assert_close(via_path.eval().forward_features(imgs), expected)
+    with safe_open(str(out), "pt") as f:  # the file names its source, not the machine's folders
+        assert f.metadata()["source"] == "lut.pth"
 
 
 # ---------------------------------------------------------------- tools end to end on the demo data

@@ -2,7 +2,6 @@
 attention weights and distances, feature spectra, reconstructions, and the JSON, PNG and TensorBoard output.
 Plots need matplotlib (optional, imported only where a figure is drawn); every number and JSON file needs only torch.
 """
-import argparse
 import contextlib
 import json
 import os
@@ -19,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_lut  # noqa: E402
 from util.augment import eval_transform  # noqa: E402
-from util.checkpoint import load_checkpoint, normalize_pretrained  # noqa: E402
+from util.checkpoint import load_checkpoint, normalize_pretrained, saved_args  # noqa: E402
 from util.datasets import find_images, load_image  # noqa: E402
 
 # LUT's projector and predictor: the tools look at the encoder (and decoder) only.
@@ -127,8 +126,7 @@ def load_model(path, checkpoint_key="model", model_name=None):
     ckpt = load_checkpoint(path)
     if checkpoint_key in ckpt and ckpt[checkpoint_key] is None:
         raise ValueError(f"{path} has no {checkpoint_key!r} weights (MAE checkpoints have no teacher)")
-    train_args = ckpt.get("args") or {}  # ours: a dict, the authors': a Namespace, MAE's: none
-    train_args = vars(train_args) if isinstance(train_args, argparse.Namespace) else dict(train_args)
+    train_args = saved_args(ckpt)
     state = {k: v for k, v in normalize_pretrained(ckpt, checkpoint_key).items() if not k.startswith(HEAD_PREFIXES)}
     model, name = build_model(state, model_name or train_args.get("model"))
     has_decoder = "decoder_embed.weight" in state

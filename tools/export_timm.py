@@ -18,9 +18,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from analysis import add_checkpoint_args, load_model  # first: it puts the repository root on sys.path
 import models_lut
+from util.augment import eval_crop_pct
 from util.pretrained import ENCODER_PREFIXES
-# Our evaluation view (util.augment.eval_transform): bicubic resize to input / 0.875, centre crop, ImageNet mean/std.
-DATA_CONFIG = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, crop_pct=0.875, interpolation="bicubic")
+# Our evaluation view (util.augment.eval_transform): bicubic resize, centre crop, ImageNet mean/std.
+DATA_CONFIG = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bicubic")
 
 
 def get_args_parser():
@@ -48,7 +49,7 @@ def timm_architecture(model):
 
 
 def pretrained_overlay(path, img_size):
-    overlay = dict(file=path, num_classes=0, **DATA_CONFIG)
+    overlay = dict(file=path, num_classes=0, crop_pct=eval_crop_pct(img_size), **DATA_CONFIG)
     if img_size != 224:
         overlay["input_size"] = (3, img_size, img_size)
     return overlay
@@ -70,7 +71,7 @@ def main(args):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
     timm_name, timm_kwargs = timm_architecture(model)
-    metadata = dict(source=os.path.abspath(args.checkpoint), checkpoint_key=args.checkpoint_key, model=info["name"],
+    metadata = dict(source=os.path.basename(args.checkpoint), checkpoint_key=args.checkpoint_key, model=info["name"],
                     timm_model=timm_name, timm_kwargs=json.dumps(timm_kwargs))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     save_file(encoder_state_dict(model), args.output, metadata=metadata)

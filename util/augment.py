@@ -4,8 +4,11 @@ All transforms take an RGB PIL image and return float tensors [3, input_size, in
 ImageNet mean/std. Every random choice draws from torch's global CPU RNG (never python's `random`), so
 `util.datasets.PretrainDataset` can make each augmentation a pure function of its seed.
 """
+import math
+
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.functional as TF
 from PIL import ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -84,6 +87,29 @@ class LUTTwoViews:
         return f"{type(self).__name__}(resize={self.resize}, view1={self.view1}, view2={self.view2})"
 
 
+class RandomResizedCrop(T.RandomResizedCrop):
+    """MAE's linear-probe crop: one draw of area and aspect ratio, the box clamped to the image, where torchvision's
+    RandomResizedCrop draws up to 10 times until the box fits and then falls back to a centre crop."""
+
+    @staticmethod
+    def get_params(img, scale, ratio):
+        width, height = TF.get_image_size(img)
+        area = width * height * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        log_ratio = torch.log(torch.tensor(ratio))
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = min(int(round(math.sqrt(area * aspect))), width)
+        h = min(int(round(math.sqrt(area / aspect))), height)
+        top = torch.randint(0, height - h + 1, size=(1,)).item()
+        left = torch.randint(0, width - w + 1, size=(1,)).item()
+        return top, left, h, w
+
+
+def linprobe_transform(input_size):
+    """MAE's linear-probe training view: its RandomResizedCrop (bicubic, scale 0.08-1) + flip."""
+    return T.Compose([RandomResizedCrop(input_size, interpolation=BICUBIC), T.RandomHorizontalFlip()]
+                     + _to_normalized_tensor())
+
+
 def mae_transform(input_size):
     """MAE pre-training crop: RandomResizedCrop(scale 0.2-1, bicubic) + flip -> [3, input_size, input_size]."""
     return T.Compose([
@@ -92,9 +118,15 @@ def mae_transform(input_size):
     ] + _to_normalized_tensor())
 
 
+def eval_crop_pct(input_size):
+    """MAE's evaluation crop ratio (the LUT authors' too): 224/256 up to 224 px, 1 (no border cut) above."""
+    return 224 / 256 if input_size <= 224 else 1.0
+
+
 def eval_transform(input_size):
-    """Deterministic evaluation view: resize the shorter side to input_size / 0.875 (bicubic), then center crop."""
+    """Deterministic evaluation view: resize the shorter side to int(input_size / eval_crop_pct) (bicubic), then
+    centre crop input_size: 224 px images from 256, 384 px ones from 384."""
     return T.Compose([
-        T.Resize(int(input_size / 0.875), interpolation=BICUBIC),
+        T.Resize(int(input_size / eval_crop_pct(input_size)), interpolation=BICUBIC),
         T.CenterCrop(input_size),
     ] + _to_normalized_tensor())

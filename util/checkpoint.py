@@ -16,8 +16,9 @@ import torch
 from util.dist import all_gather_object, barrier, is_main_process
 from util.rng import rng_state, seed_everything, set_rng_state
 
-# Prefixes that wrappers put in front of parameter names: DDP ('module.') and the LUT authors' EMA teacher ('ema.').
-_WRAPPER_PREFIXES = ("module.", "ema.")
+# Prefixes that wrappers put in front of parameter names: DDP ('module.'), the LUT authors' EMA teacher ('ema.'),
+# MoCo v3 ('base_encoder.') and DINO / iBOT ('backbone.').
+_WRAPPER_PREFIXES = ("module.", "ema.", "base_encoder.", "backbone.")
 
 
 def save_checkpoint(state, path):
@@ -56,14 +57,15 @@ def write_atomically(path, write):
         os.close(dir_fd)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     """torch.load(path, weights_only=True) with argparse.Namespace allowed (the authors' checkpoints store args so).
 
     Anything else that needs unsafe unpickling is refused with an error naming the file; there is no fallback.
+    mmap: map the file instead of reading it (to look at a few entries of a large checkpoint).
     """
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
             e.add_note(f"while reading checkpoint {path}")  # truncated or corrupt files: say which one
@@ -150,9 +152,9 @@ def finish_epoch(args, record, is_best, log_writer):
             with open(log_path) as f:
                 lines = f.read().splitlines()
         if epoch not in [json.loads(line).get("epoch") for line in lines]:
-            if log_writer is not None:
+            if log_writer is not None:  # MAE's tags for the evaluation (perf/test_acc1, ...)
                 for name, value in record.items():
-                    log_writer.add_scalar(f"epoch/{name}", value, epoch)
+                    log_writer.add_scalar(f"perf/{name}" if name.startswith("test_") else f"epoch/{name}", value, epoch)
                 log_writer.flush()
             text = "".join(line + "\n" for line in lines + [json.dumps(record)])
             write_atomically(log_path, lambda f: f.write(text.encode()))
@@ -168,14 +170,20 @@ def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     if path is None:
         return 0, 0, None, {}
     ckpt = load_checkpoint(path)
-    saved = ckpt.get("args") or {}
-    saved = vars(saved) if isinstance(saved, argparse.Namespace) else saved
+    saved = saved_args(ckpt)
     if saved.get("model", args.model) != args.model:
         raise SystemExit(f"{path} was trained as {saved['model']}, not --model {args.model}; "
                          f"use another --output_dir or --no_auto_resume")
-    model.load_state_dict(ckpt["model"])
-    if teacher is not None:
-        teacher.load_state_dict(ckpt["model_ema"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        if teacher is not None:
+            teacher.load_state_dict(ckpt["model_ema"])
+    except RuntimeError as e:  # another image or patch size, another width: a size mismatch
+        sizes = {k: saved.get(k) for k in ("input_size", "patch_size")}
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise SystemExit(f"{path} (trained with {sizes}) does not fit this run's model (input_size "
+                         f"{args.input_size}, patch_size {args.patch_size}): {detail}; use its sizes, another "
+                         f"--output_dir or --no_auto_resume") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -196,11 +204,17 @@ def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     return epoch, done, ckpt.get("epoch_totals"), ckpt
 
 
-def normalize_pretrained(ckpt, key="model"):
-    """State dict `ckpt[key]` with 'module.' / 'ema.' prefixes removed.
+def saved_args(ckpt):
+    """The training arguments a checkpoint stores, as a dict (ours: a dict, the authors': a Namespace, MAE's: none)."""
+    args = ckpt.get("args") or {}
+    return vars(args) if isinstance(args, argparse.Namespace) else dict(args)
 
-    Reads ours ({'model', 'model_ema', 'optimizer', ...}), the LUT authors' ('model_ema' keys prefixed 'ema.') and
-    MAE's released files ({'model': ...}); key is 'model' (student) or 'model_ema' (teacher).
+
+def normalize_pretrained(ckpt, key="model"):
+    """State dict `ckpt[key]` with wrapper prefixes (module., ema., base_encoder., backbone.) removed.
+
+    Reads ours ({'model', 'model_ema', 'optimizer', ...}), the LUT authors' ('model_ema' keys prefixed 'ema.'),
+    MAE's released files ({'model': ...}) and other methods' ('state_dict' of MoCo v3, 'teacher' of DINO, ...).
     """
     if key not in ckpt:
         raise KeyError(f"checkpoint has no {key!r} entry; it has {sorted(ckpt)}")

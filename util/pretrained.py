@@ -9,7 +9,7 @@ import os
 from timm.layers import resample_abs_pos_embed
 
 import models_vit
-from util.checkpoint import load_checkpoint, normalize_pretrained
+from util.checkpoint import load_checkpoint, normalize_pretrained, saved_args
 
 # The encoder's keys (docs/method.md, "State-dict keys"); the rest of a pre-training checkpoint (decoder_*,
 # mask_token, the LUT projector `head.*` and `predictor.*`) is not part of the classifier.
@@ -23,42 +23,62 @@ def add_encoder_args(parser):
     """The flags of the scripts that evaluate a pre-trained encoder: architecture, input and the weights."""
     group = parser.add_argument_group("encoder")
     group.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS))
-    group.add_argument("--input_size", default=224, type=int)
-    group.add_argument("--patch_size", default=16, type=int)
+    group.add_argument("--input_size", default=None, type=int,
+                       help="image size (default: the checkpoint's training input size, else 224)")
+    group.add_argument("--patch_size", default=None, type=int, help="(default: the checkpoint's patch size, else 16)")
     group.add_argument("--finetune", default="", metavar="PATH",
                        help="pre-training checkpoint (ours, the LUT authors' or MAE's); none = random weights")
-    group.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"],
-                       help="'model' (the student; what the LUT authors fine-tune) or 'model_ema' (the LUT teacher)")
+    group.add_argument("--checkpoint_key", default="model",
+                       help="the checkpoint's entry to load: 'model' (the student; what the LUT authors fine-tune), "
+                            "'model_ema' (the LUT teacher), or e.g. 'state_dict' (MoCo v3), 'teacher' (DINO)")
 
 
 def check_encoder_args(args):
-    if args.input_size % args.patch_size:
-        raise SystemExit(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
+    """Check the encoder flags and fill --input_size / --patch_size from the checkpoint to load when not given (the
+    pre-trained one, or the fine-tuned one an --eval reads): a one-line message instead of a size mismatch later."""
     if args.finetune and not os.path.isfile(args.finetune):
         raise SystemExit(f"--finetune checkpoint not found: {args.finetune}")
+    path, key = (args.resume, "model") if getattr(args, "eval", False) else (args.finetune, args.checkpoint_key)
+    saved, patch = {}, None
+    if path:
+        ckpt = load_checkpoint(path, mmap=True)
+        saved = saved_args(ckpt)
+        state = normalize_pretrained(ckpt, key) if isinstance(ckpt.get(key), dict) else {}
+        weight = state.get("patch_embed.proj.weight")
+        patch = weight.shape[-1] if weight is not None else None
+        if args.patch_size not in (None, patch) and patch is not None:
+            raise SystemExit(f"--patch_size {args.patch_size}, but {path} has {patch}-pixel patches "
+                             f"(patch_embed.proj.weight {list(weight.shape)}): leave --patch_size out")
+    args.patch_size = args.patch_size or patch or 16
+    args.input_size = args.input_size or saved.get("input_size", 224)
+    if args.input_size % args.patch_size:
+        raise SystemExit(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
 
 
 def encoder_state_dict(ckpt, checkpoint_key="model"):
-    """The encoder weights of a loaded checkpoint dict, wrapper prefixes ('module.', 'ema.') removed.
+    """The encoder weights of a loaded checkpoint dict, wrapper prefixes removed (util.checkpoint.normalize_pretrained).
 
-    checkpoint_key: 'model' (student; what the LUT authors fine-tune) or 'model_ema' (teacher).
+    checkpoint_key: 'model' (student; what the LUT authors fine-tune), 'model_ema' (teacher), or the entry other
+    methods keep their weights under ('state_dict', 'teacher', ...).
     """
     if ckpt.get(checkpoint_key) is None:
         present = sorted(k for k, v in ckpt.items() if isinstance(v, dict))
-        raise KeyError(f"the checkpoint has no weights under {checkpoint_key!r} (it has {present}); "
-                       f"MAE checkpoints have no teacher: use --checkpoint_key model")
+        raise KeyError(f"the checkpoint has no weights under --checkpoint_key {checkpoint_key!r} (it has {present})")
     state = normalize_pretrained(ckpt, checkpoint_key)
     return {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIXES)}
 
 
 def resample_pos_embed(state, model):
-    """Bicubically resample state['pos_embed'] ([1, 1 + h*w, D], CLS row first and kept) to the model's patch grid."""
+    """Bicubically resample state['pos_embed'] ([1, 1 + h*w, D], CLS row first and kept) to the model's patch grid,
+    as MAE does: F.interpolate(mode='bicubic', align_corners=False) of the [D, h, w] grid."""
     old, new = state.get("pos_embed"), model.pos_embed
     if old is None or old.shape == new.shape or old.ndim != 3 or old.shape[-1] != new.shape[-1]:
         return state  # nothing to do, or a mismatch the key check reports
     grid = model.patch_embed.grid_size
     print(f"Resampling pos_embed from {old.shape[1] - 1} to {grid[0]}x{grid[1]} patches")
-    return {**state, "pos_embed": resample_abs_pos_embed(old, new_size=list(grid), num_prefix_tokens=1)}
+    # Bicubic without antialiasing, as MAE's interpolate_pos_embed (timm's default antialiases when shrinking).
+    return {**state, "pos_embed": resample_abs_pos_embed(old, new_size=list(grid), num_prefix_tokens=1,
+                                                         interpolation="bicubic", antialias=False)}
 
 
 def _listing(title, names):

@@ -4,13 +4,14 @@ import argparse
 import datetime
 import fcntl
 import glob
+import json
 import os
 import socket
 import time
 
 import torch
 
-from util.checkpoint import finish_epoch
+from util.checkpoint import finish_epoch, load_checkpoint
 from util.dist import (all_reduce_sum, destroy_distributed, init_distributed, is_main_process, launcher_world_size,
                        local_device)
 from util.logging import create_tb_writer
@@ -80,6 +81,22 @@ def start_run(args):
     check_run_args(args)
     init_distributed(args)
     return local_device(args)
+
+
+def run_is_finished(args):
+    """True, after saying so, when output_dir holds this run finished: all --epochs trained and the last epoch's
+    outputs written. A re-run of a finished job then exits without touching anything."""
+    last, log = (os.path.join(args.output_dir, name) for name in ("checkpoint-last.pth", "log.txt"))
+    if not (args.auto_resume and os.path.isfile(last) and os.path.isfile(log)):
+        return False
+    record = load_checkpoint(last, mmap=True).get("log_record") or {}
+    if record.get("epoch", -1) + 1 < args.epochs:
+        return False
+    with open(log) as f:
+        if record["epoch"] not in [json.loads(line).get("epoch") for line in f]:
+            return False  # killed before the last epoch's outputs were complete: the run completes them
+    print(f"{args.output_dir} holds this run, finished: {args.epochs} epochs trained, nothing to do")
+    return True
 
 
 def lock_output_dir(output_dir):
