@@ -1,0 +1,182 @@
+"""Robustness of a fine-tuned ImageNet classifier: ImageNet-V2, -Sketch, -R, -A and -C, each by its authors' rules.
+
+    python main_robustness.py --model vit_base_patch16 --resume out/ft_lut_vit_b/checkpoint-best.pth \
+        --data_root /datasets/robustness --output_dir out/robust_lut_vit_b
+    torchrun --nproc_per_node=8 main_robustness.py ... --dist_eval
+
+--data_root holds any of imagenet-v2/, imagenet-sketch/, imagenet-r/, imagenet-a/, imagenet-c/ in their released
+layouts (TRAINING.md, "Robustness"); --imagenet_v2_path etc. point at one elsewhere. The evaluation view and precision
+are fine-tuning's. output_dir/robustness.json is written after every set (every corruption and severity of
+ImageNet-C), so a run killed mid-way resumes with what is left.
+"""
+import argparse
+import json
+import os
+
+import torch
+from torchvision.datasets import ImageFolder
+
+import models_vit
+from engine_finetune import evaluate
+from util.augment import eval_crop_pct, eval_transform
+from util.checkpoint import load_checkpoint, saved_args, write_atomically
+from util.datasets import is_image_file, load_image, rank_shard
+from util.dist import destroy_distributed, is_main_process
+from util.pretrained import add_encoder_args, check_encoder_args
+from util.robustness import (ALEXNET_ERROR, ALEXNET_ERROR_EXTRA, CORRUPTIONS, EXTRA_CORRUPTIONS, IMAGENET_A_WNIDS,
+                             IMAGENET_R_WNIDS, IMAGENET_WNIDS, SEVERITIES)
+from util.run import add_run_args, start_run
+
+# Each set's class folders (the released layout) and the logits that compete: None = all 1000.
+SETS = {
+    "imagenet-v2": ([str(i) for i in range(1000)], None),  # folders 0..999: indices into the sorted WordNet ids
+    "imagenet-sketch": (IMAGENET_WNIDS, None),
+    "imagenet-r": (IMAGENET_R_WNIDS, [IMAGENET_WNIDS.index(w) for w in IMAGENET_R_WNIDS]),
+    "imagenet-a": (IMAGENET_A_WNIDS, [IMAGENET_WNIDS.index(w) for w in IMAGENET_A_WNIDS]),
+    "imagenet-c": (IMAGENET_WNIDS, None),  # <corruption>/<severity>/<wnid>/
+}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Robustness evaluation of a fine-tuned ViT", add_help=False)
+    add_encoder_args(parser)
+    parser.add_argument("--resume", required=True, metavar="PATH",
+                        help="fine-tuned checkpoint (main_finetune.py's, a 1000-class ImageNet classifier)")
+    parser.add_argument("--data_root", default=None, help="folder holding the sets under their names (see SETS)")
+    for name in SETS:
+        parser.add_argument(f"--{name.replace('-', '_')}_path", default=None, help=f"{name} elsewhere")
+    parser.add_argument("--batch_size", default=256, type=int, help="images per GPU")
+    parser.add_argument("--dist_eval", action="store_true",
+                        help="each rank evaluates a shard of every set (exact: no image repeated or dropped)")
+    add_run_args(parser, training=False)
+    parser.set_defaults(eval=True, output_dir="./output_dir/robustness")
+    return parser
+
+
+def find_sets(args):
+    """{set name: folder} of the sets given or found under --data_root, their class folders checked."""
+    found = {}
+    for name in SETS:
+        given = getattr(args, f"{name.replace('-', '_')}_path")
+        path = given or (args.data_root and os.path.join(args.data_root, name))
+        if path and os.path.isdir(path):
+            found[name] = path
+        elif given:
+            raise SystemExit(f"--{name.replace('-', '_')}_path {given} is not a folder")
+    if not found:
+        raise SystemExit(f"no robustness set found: give --data_root with any of {', '.join(SETS)}, or their --*_path")
+    for name, path in found.items():
+        if name == "imagenet-c":
+            for corruption in os.listdir(path):
+                if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
+                    raise SystemExit(f"{name} at {path}: {corruption!r} is none of its 19 corruptions")
+                for severity in SEVERITIES:
+                    check_classes(name, os.path.join(path, corruption, str(severity)))
+        else:
+            check_classes(name, path)
+    return found
+
+
+def check_classes(name, folder):
+    """Stop with a one-line message unless `folder` has exactly the class folders of set `name`'s release."""
+    expected = SETS[name][0]
+    found = sorted(e.name for e in os.scandir(folder) if e.is_dir()) if os.path.isdir(folder) else []
+    if set(found) != set(expected):
+        missing, other = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        raise SystemExit(f"{name} at {folder}: {len(found)} class folders, not the release's {len(expected)} "
+                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                         f"{other[:3]}{'...' if len(other) > 3 else ''})")
+
+
+def dataset(name, folder, transform):
+    """The images of `folder` with labels that index the set's competing classes."""
+    images = ImageFolder(folder, transform=transform, loader=load_image, is_valid_file=is_image_file, allow_empty=True)
+    position = {c: i for i, c in enumerate(SETS[name][0])}
+    images.target_transform = [position[c] for c in images.classes].__getitem__
+    return images
+
+
+def summarize(results):
+    """The ImageNet-C summary of per-severity results: each corruption's error averaged over severities, mCE
+    (Hendrycks & Dietterich: mean over the 15 corruptions of error / AlexNet's error, in %), the plain mean corruption
+    error, and the same for the extra corruptions apart."""
+    errors = {c: sum(100 - results[f"imagenet-c/{c}/{s}"]["acc1"] for s in SEVERITIES) / len(SEVERITIES)
+              for c in CORRUPTIONS + EXTRA_CORRUPTIONS
+              if all(f"imagenet-c/{c}/{s}" in results for s in SEVERITIES)}
+    summary = {"corruption_error": errors}
+    for label, names, alexnet in (("", CORRUPTIONS, ALEXNET_ERROR), ("extra_", EXTRA_CORRUPTIONS, ALEXNET_ERROR_EXTRA)):
+        if all(c in errors for c in names):
+            summary[f"{label}mCE"] = sum(errors[c] / alexnet[c] for c in names) / len(names)  # errors in %
+            summary[f"{label}mean_corruption_error"] = sum(errors[c] for c in names) / len(names)
+    return summary
+
+
+def main(args):
+    """Evaluate every set found; returns the results dict (also in output_dir/robustness.json)."""
+    device = start_run(args)
+    check_encoder_args(args)
+    sets = find_sets(args)
+    ckpt = load_checkpoint(args.resume)
+    trained = saved_args(ckpt)
+    config = dict(checkpoint=args.resume, model=args.model, input_size=args.input_size, patch_size=args.patch_size,
+                  transform=f"resize {int(args.input_size / eval_crop_pct(args.input_size))} bicubic, centre crop "
+                            f"{args.input_size}", amp=args.amp)
+    path = os.path.join(args.output_dir, "robustness.json")
+    results = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["config"] != config:
+            raise SystemExit(f"{path} holds results of another evaluation ({saved['config']}): use another "
+                             f"--output_dir")
+        results = saved["results"]
+        print(f"{path}: {len(results)} results already there, not recomputed")
+
+    model = models_vit.MODELS[args.model](img_size=args.input_size, patch_size=args.patch_size, num_classes=1000,
+                                          global_pool="avg" if trained.get("global_pool", True) else "token")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise SystemExit(f"{args.resume} is not a {args.model} ImageNet-1k classifier: {str(e).splitlines()[1]}")
+    model.to(device)
+    transform = eval_transform(args.input_size)
+    reduce = args.dist_eval and args.distributed
+
+    def save():
+        if is_main_process():
+            os.makedirs(args.output_dir, exist_ok=True)
+            text = json.dumps(dict(config=config, results=results, **summarize(results)), indent=1)
+            write_atomically(path, lambda f: f.write(text.encode()))
+
+    for name, root in sets.items():
+        parts = ([(f"{name}/{c}/{s}", os.path.join(root, c, str(s))) for c in sorted(os.listdir(root))
+                  for s in SEVERITIES] if name == "imagenet-c" else [(name, root)])
+        for key, folder in parts:
+            if key in results:
+                continue
+            images = dataset(name, folder, transform)
+            if reduce:
+                images = rank_shard(images, args.rank, args.world_size)
+            loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers,
+                                                 pin_memory=args.pin_mem and device.type == "cuda")
+            classes = SETS[name][1]
+            stats = evaluate(model, loader, device, args.amp, reduce,
+                             None if classes is None else torch.tensor(classes, device=device), key)
+            results[key] = dict(images=stats["count"], acc1=stats["acc1"], acc5=stats["acc5"])
+            save()
+
+    summary = summarize(results)
+    print(f"\n{'set':<40} {'images':>8} {'top-1 %':>8} {'error %':>8}")
+    for key, r in results.items():
+        print(f"{key:<40} {r['images']:>8} {r['acc1']:>8.2f} {100 - r['acc1']:>8.2f}")
+    for name, value in summary.items():
+        if name != "corruption_error":
+            print(f"imagenet-c {name}: {value:.2f}")
+    save()
+    destroy_distributed()
+    return dict(results=results, **summary)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(parents=[get_args_parser()])
+    main(parser.parse_args())
