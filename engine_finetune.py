@@ -35,7 +35,7 @@ def build_datasets(args, train_transform, val_transform):
     args.nb_classes. Fails with a clear message on bad data."""
     try:
         val = build_imagefolder(args.data_path, "val", val_transform)
-        train = None if args.eval else build_imagefolder(args.data_path, "train", train_transform, training=True)
+        train = None if args.eval else build_imagefolder(args.data_path, "train", train_transform)
         if train is not None:
             check_images([path for path, _ in train.samples])
     except (OSError, ValueError) as e:
@@ -76,8 +76,9 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
                     clip_grad=None, start_step=0, totals=None, log_writer=None, should_stop=lambda step: False):
     """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step) says so.
 
-    Per-iteration lr schedule, optional Mixup / CutMix and gradient-norm clipping, gradient accumulation, AMP. model: DDP-wrapped when
-    distributed; the batches are (images [B, 3, H, W], labels [B]); an epoch is args.steps_per_epoch optimizer steps.
+    Per-iteration lr schedule, optional Mixup / CutMix and gradient-norm clipping, gradient accumulation, AMP.
+    model: DDP-wrapped when distributed; the batches are (images [B, 3, H, W], labels [B]); an epoch is
+    args.steps_per_epoch optimizer steps.
     totals: the logger totals of the epoch's first part when resuming mid-epoch (see MetricLogger).
     Returns (dict of epoch means averaged over ranks plus the last lr, optimizer steps of the epoch done,
     the logger totals to save with a mid-epoch checkpoint).
@@ -146,9 +147,9 @@ def evaluate(model, data_loader, device, amp="none", reduce=False, classes=None,
         acc1, acc5 = accuracy(output, targets, topk=(1, 5))
         n = targets.shape[0]
         # timm's accuracy is a percentage of this batch: back to hit counts (rounding removes float error).
-        totals += torch.stack([criterion(output, targets).double(), (acc1.double() * n / 100).round(),
-                               (acc5.double() * n / 100).round(), torch.tensor(n, dtype=torch.float64,
-                                                                                device=device)])
+        counts = [criterion(output, targets).double(), (acc1.double() * n / 100).round(),
+                  (acc5.double() * n / 100).round(), torch.tensor(n, dtype=torch.float64, device=device)]
+        totals += torch.stack(counts)
     if reduce:
         totals = all_reduce_sum(totals)
     loss, hits1, hits5, count = totals.tolist()

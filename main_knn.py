@@ -5,7 +5,7 @@
         --data_path /imagenet
 
 data_path/train/<class>/ is the labelled memory bank, data_path/val/<class>/ is classified. Features are the CLS
-token after the encoder's final norm (--global_pool: the mean of the patch tokens), L2-normalised. Without
+token after the encoder's final norm (--lut_global: the mean of the final-norm patch tokens), L2-normalised. Without
 --finetune the encoder keeps its random initialisation (a baseline).
 """
 import argparse
@@ -23,7 +23,7 @@ from util.run import add_run_args, start_run
 def get_args_parser():
     parser = argparse.ArgumentParser("k-NN evaluation of a pre-trained ViT", add_help=False)
     add_encoder_args(parser)
-    parser.add_argument("--global_pool", action="store_true",
+    parser.add_argument("--lut_global", action="store_true",
                         help="mean of the final-norm patch tokens instead of the CLS token")
     parser.add_argument("--nb_knn", default=20, type=int, help="neighbours k")
     parser.add_argument("--temperature", default=0.07, type=float, help="neighbour weight exp(cos / temperature)")
@@ -40,12 +40,12 @@ def main(args):
     check_encoder_args(args)
     try:
         knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers, args.nb_knn,
-                           args.temperature, "avg" if args.global_pool else "token")
+                           args.temperature, "avg" if args.lut_global else "token")
     except ValueError as e:
         raise SystemExit(f"--data_path: {e}")
     seed_everything(args.seed)  # every rank builds the same random baseline
     model = models_vit.MODELS[args.model](img_size=args.input_size, patch_size=args.patch_size, num_classes=0,
-                                          global_pool="avg" if args.global_pool else "token", fc_norm=False)
+                                          global_pool="avg" if args.lut_global else "token", fc_norm=False)
     if args.finetune:
         load_pretrained(model, args.finetune, args.checkpoint_key)
     else:
@@ -55,7 +55,7 @@ def main(args):
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "knn.json"), "w") as f:
             json.dump({**stats, "finetune": args.finetune, "checkpoint_key": args.checkpoint_key, "k": args.nb_knn,
-                       "temperature": args.temperature, "pool": "avg" if args.global_pool else "token",
+                       "temperature": args.temperature, "pool": "avg" if args.lut_global else "token",
                        "input_size": args.input_size, "patch_size": args.patch_size}, f)
     destroy_distributed()
     return stats

@@ -20,13 +20,12 @@ import models_vit
 from engine_finetune import add_data_args, build_datasets, build_loaders, check_data_args, evaluate, fit
 from util.augment import eval_transform, linprobe_transform
 from util.batchnorm import convert_sync_batchnorm
-from util.checkpoint import find_resume_checkpoint, load_checkpoint
-from util.dist import destroy_distributed
+from util.checkpoint import find_resume_checkpoint
 from util.lars import LARS
 from util.lr_sched import add_schedule_args, set_lr
-from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
+from util.pretrained import add_encoder_args, check_encoder_args, load_classifier, load_pretrained
 from util.rng import seed_everything
-from util.run import add_run_args, lock_output_dir, run_is_finished, start_run
+from util.run import add_run_args, start_run, take_output_dir
 
 
 def get_args_parser():
@@ -71,10 +70,8 @@ def main(args):
     device = start_run(args)
     check_data_args(args)
     check_encoder_args(args)
-    if not args.eval:
-        if run_is_finished(args):
-            return destroy_distributed()
-        lock_output_dir(args.output_dir)
+    if not (args.eval or take_output_dir(args)):
+        return
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own crops
     train_set, val_set = build_datasets(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
@@ -88,7 +85,7 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: {n_parameters} trainable parameters (the head)")
     if args.eval:
-        model.load_state_dict(load_checkpoint(args.resume)["model"])
+        load_classifier(model, args.resume)
         return evaluate(model, val_loader, device, args.amp, args.dist_eval and args.distributed)
 
     set_lr(args)

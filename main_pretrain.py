@@ -20,12 +20,12 @@ from util.augment import LUTTwoViews, mae_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import find_resume_checkpoint, load_training_state, save_epoch
 from util.datasets import PretrainDataset, ResumableDistributedSampler, check_images, find_images
-from util.dist import destroy_distributed, wrap_ddp
+from util.dist import wrap_ddp
 from util.knn import KNNEvaluator
 from util.lr_sched import add_schedule_args, set_lr
 from util.preemption import PreemptionHandler
 from util.rng import seed_everything
-from util.run import add_run_args, end_run, lock_output_dir, open_outputs, run_is_finished, start_run
+from util.run import add_run_args, end_run, open_outputs, start_run, take_output_dir
 
 
 def get_args_parser():
@@ -113,10 +113,8 @@ def main(args):
     (None, None) when output_dir holds the run finished."""
     device = start_run(args)
     paths = check_args(args)
-    if run_is_finished(args):
-        destroy_distributed()
+    if not take_output_dir(args):
         return None, None
-    lock_output_dir(args.output_dir)
     knn = None
     if args.knn_freq:
         try:

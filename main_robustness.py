@@ -22,7 +22,7 @@ from util.augment import eval_crop_pct, eval_transform
 from util.checkpoint import load_checkpoint, saved_args, write_atomically
 from util.datasets import is_image_file, load_image, rank_shard
 from util.dist import destroy_distributed, is_main_process
-from util.pretrained import add_encoder_args, check_encoder_args
+from util.pretrained import add_encoder_args, check_encoder_args, load_classifier
 from util.robustness import (ALEXNET_ERROR, ALEXNET_ERROR_EXTRA, CORRUPTIONS, EXTRA_CORRUPTIONS, IMAGENET_A_WNIDS,
                              IMAGENET_R_WNIDS, IMAGENET_WNIDS, SEVERITIES)
 from util.run import add_run_args, start_run
@@ -39,7 +39,7 @@ SETS = {
 
 def get_args_parser():
     parser = argparse.ArgumentParser("Robustness evaluation of a fine-tuned ViT", add_help=False)
-    add_encoder_args(parser)
+    add_encoder_args(parser, pretrained=False)
     parser.add_argument("--resume", required=True, metavar="PATH",
                         help="fine-tuned checkpoint (main_finetune.py's, a 1000-class ImageNet classifier)")
     parser.add_argument("--data_root", default=None, help="folder holding the sets under their names (see SETS)")
@@ -49,7 +49,7 @@ def get_args_parser():
     parser.add_argument("--dist_eval", action="store_true",
                         help="each rank evaluates a shard of every set (exact: no image repeated or dropped)")
     add_run_args(parser, training=False)
-    parser.set_defaults(eval=True, output_dir="./output_dir/robustness")
+    parser.set_defaults(eval=True, output_dir="./output_dir/robustness")  # eval: sizes from --resume
     return parser
 
 
@@ -67,7 +67,7 @@ def find_sets(args):
         raise SystemExit(f"no robustness set found: give --data_root with any of {', '.join(SETS)}, or their --*_path")
     for name, path in found.items():
         if name == "imagenet-c":
-            for corruption in os.listdir(path):
+            for corruption in corruptions(path):
                 if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
                     raise SystemExit(f"{name} at {path}: {corruption!r} is none of its 19 corruptions")
                 for severity in SEVERITIES:
@@ -75,6 +75,11 @@ def find_sets(args):
         else:
             check_classes(name, path)
     return found
+
+
+def corruptions(folder):
+    """The corruption folders under imagenet-c/ (files and hidden entries are not)."""
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
 def check_classes(name, folder):
@@ -116,8 +121,7 @@ def main(args):
     device = start_run(args)
     check_encoder_args(args)
     sets = find_sets(args)
-    ckpt = load_checkpoint(args.resume)
-    trained = saved_args(ckpt)
+    trained = saved_args(load_checkpoint(args.resume, mmap=True))
     config = dict(checkpoint=args.resume, model=args.model, input_size=args.input_size, patch_size=args.patch_size,
                   transform=f"resize {int(args.input_size / eval_crop_pct(args.input_size))} bicubic, centre crop "
                             f"{args.input_size}", amp=args.amp)
@@ -134,10 +138,7 @@ def main(args):
 
     model = models_vit.MODELS[args.model](img_size=args.input_size, patch_size=args.patch_size, num_classes=1000,
                                           global_pool="avg" if trained.get("global_pool", True) else "token")
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise SystemExit(f"{args.resume} is not a {args.model} ImageNet-1k classifier: {str(e).splitlines()[1]}")
+    load_classifier(model, args.resume)
     model.to(device)
     transform = eval_transform(args.input_size)
     reduce = args.dist_eval and args.distributed
@@ -149,7 +150,7 @@ def main(args):
             write_atomically(path, lambda f: f.write(text.encode()))
 
     for name, root in sets.items():
-        parts = ([(f"{name}/{c}/{s}", os.path.join(root, c, str(s))) for c in sorted(os.listdir(root))
+        parts = ([(f"{name}/{c}/{s}", os.path.join(root, c, str(s))) for c in corruptions(root)
                   for s in SEVERITIES] if name == "imagenet-c" else [(name, root)])
         for key, folder in parts:
             if key in results:

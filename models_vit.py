@@ -3,11 +3,10 @@
 The encoder keys (`patch_embed.proj.*`, `cls_token`, `pos_embed`, `blocks.{i}.*`, `norm.*`) are those of the
 pre-training encoders in models_lut.py, so loading pre-trained weights is a key filter (util/pretrained.py).
 
-    global_pool='avg' (default, the fine-tuning recipe): mean of the patch tokens, then a new LayerNorm `fc_norm`;
-        the final `norm` is dropped (MAE's fine-tuning recipe), so the checkpoint's `norm.*` goes unused.
-    global_pool='avg', fc_norm=False: mean of the final-norm patch tokens (the LUT global vector), for linear
-        probes and k-NN, where a freshly initialised fc_norm would stay untrained.
-    global_pool='token': the CLS token after the final norm (MAE's linear-probe protocol).
+    global_pool='avg' (default): mean of the patch tokens, then a new LayerNorm `fc_norm`; the final `norm` is
+        dropped, so the checkpoint's `norm.*` goes unused (MAE's fine-tuning, and its --global_pool linear probe).
+    global_pool='avg', fc_norm=False: mean of the final-norm patch tokens (the LUT global vector: --lut_global).
+    global_pool='token': the CLS token after the final norm (MAE's --cls_token fine-tuning and default probe).
 """
 from functools import partial
 
@@ -33,4 +32,3 @@ vit_base_patch16 = _factory("base")
 vit_large_patch16 = _factory("large")
 
 MODELS = {f"vit_{size}_patch16": globals()[f"vit_{size}_patch16"] for size in ENCODERS}
-

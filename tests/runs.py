@@ -13,8 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_PRETRAIN = os.path.join(ROOT, "tests", "micro_pretrain.py")
 MICRO_FINETUNE = os.path.join(ROOT, "tests", "micro_finetune.py")
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
-# One thread per process: these models are tiny, and two OpenMP threads per process on a shared 2-core machine
-# spin-wait for each other (100x slower matmuls).
+# One thread per process: these models are tiny, and several OpenMP threads per process on a small shared machine
+# spin-wait for each other.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

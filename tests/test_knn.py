@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from runs import MICRO_FINETUNE, MICRO_PRETRAIN, TORCHRUN, epoch_log, run
-from util.knn import KNNEvaluator, knn_hits, knn_scores, pool_tokens
-
+from util.knn import KNNEvaluator, knn_hits, knn_scores
 
 
 def test_one_hot_class_features_are_classified_perfectly():
@@ -38,12 +37,6 @@ def test_one_close_neighbour_outweighs_several_distant_ones():
     scores = knn_scores(train, torch.tensor([0, 1, 1, 1]), torch.tensor([[1.0, 0.0]]), num_classes=2, k=4,
                         temperature=0.07)
     assert scores.argmax().item() == 0
-
-
-def test_features_are_the_cls_token_or_the_mean_patch_token():
-    tokens = torch.arange(2 * 3 * 4, dtype=torch.float).reshape(2, 3, 4)  # [B, 1 + L, D]
-    assert torch.equal(pool_tokens(tokens, "token"), tokens[:, 0])
-    assert torch.equal(pool_tokens(tokens, "avg"), (tokens[:, 1] + tokens[:, 2]) / 2)
 
 
 def test_knn_needs_labelled_train_and_val_folders(tmp_path):

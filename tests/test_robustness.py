@@ -62,7 +62,8 @@ def sets(tmp_path):
 
 def evaluate(monkeypatch, *flags):
     monkeypatch.setattr(builtins, "print", builtins.print)  # main() silences print on ranks other than 0
-    args = main_robustness.get_args_parser().parse_args(["--model", "vit_micro", "--num_workers", "0", *map(str, flags)])
+    args = main_robustness.get_args_parser().parse_args(["--model", "vit_micro", "--num_workers", "0",
+                                                         *map(str, flags)])
     return main_robustness.main(args)
 
 
@@ -90,6 +91,9 @@ def test_mce_is_the_mean_of_errors_over_alexnets(monkeypatch):
     by_hand = sum((10.0 + i) / ALEXNET_ERROR[c] for i, c in enumerate(CORRUPTIONS)) / 15  # e.g. 10 / 0.886428
     assert summary["mCE"] == pytest.approx(by_hand) and summary["mean_corruption_error"] == pytest.approx(17.0)
     assert "extra_mCE" not in summary
+    # AlexNet itself scores mCE 100 (its errors, in %, over its errors)
+    alexnet = {f"imagenet-c/{c}/{s}": {"acc1": 100 - 100 * e} for c, e in ALEXNET_ERROR.items() for s in range(1, 6)}
+    assert main_robustness.summarize(alexnet)["mCE"] == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize("layout, message", [

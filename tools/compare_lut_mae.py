@@ -20,8 +20,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# CLS token, or the mean of the final-norm patch tokens (LUT's global vector): flags of main_knn.py, main_linprobe.py
-POOLS = {"token": ([], []), "avg": (["--global_pool"], ["--lut_global"])}
+# CLS token, or the mean of the final-norm patch tokens (LUT's global vector), in main_knn.py and main_linprobe.py
+POOLS = {"token": [], "avg": ["--lut_global"]}
 COLUMNS = {"method": "method", "pretrain_minutes": "pre-train min", "pretrain_loss": "final loss",
            "knn_token": "k-NN cls", "knn_avg": "k-NN avg", "linprobe_token": "linear cls", "linprobe_avg": "linear avg"}
 
@@ -81,13 +81,13 @@ def evaluate_method(method, args):
            "pretrain_loss": last_record(os.path.join(out, "log.txt"))["train_loss"]}
 
     encoder = ["--model", f"vit_{args.size}_patch16", "--finetune", os.path.join(out, "checkpoint-last.pth")]
-    for pool, (knn_flags, probe_flags) in POOLS.items():
+    for pool, pool_flags in POOLS.items():
         knn_dir = os.path.join(out, f"knn_{pool}")
-        run("main_knn.py", common + encoder + knn_flags + ["--output_dir", knn_dir], args)
+        run("main_knn.py", common + encoder + pool_flags + ["--output_dir", knn_dir], args)
         with open(os.path.join(knn_dir, "knn.json")) as f:
             row[f"knn_{pool}"] = json.load(f)["knn_top1"]
         probe_dir = os.path.join(out, f"linprobe_{pool}")
-        run("main_linprobe.py", common + encoder + probe_flags + [
+        run("main_linprobe.py", common + encoder + pool_flags + [
             "--epochs", args.probe_epochs, "--warmup_epochs", max(1, args.probe_epochs // 9), "--batch_size",
             args.probe_batch_size, "--lr", args.probe_lr, "--seed", args.seed, "--dist_eval", "--output_dir",
             probe_dir], args)

@@ -129,14 +129,14 @@ def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_wr
     finish_epoch(args, record, is_best, log_writer)
 
 
-def finish_epoch(args, record, is_best, log_writer):
+def finish_epoch(args, record, is_best, log_writer, replay=False):
     """The outputs of a finished epoch, after its checkpoint-last.pth is written: checkpoint-<epoch>.pth (every
     --save_freq epochs and after the last), checkpoint-best.pth (`is_best`), TensorBoard scalars and the log.txt
     line `record` (numbers by name, with its "epoch"). Every rank calls it; rank 0 writes.
 
-    The checkpoints are copies of checkpoint-last.pth, and the scalars and the log line are written unless log.txt
-    already has the epoch (the line comes last), so a restarted run that calls it again with the checkpoint's
-    `log_record` completes the outputs of a run killed in between.
+    replay: a restarted run completes the outputs of its checkpoint-last.pth, written by a run killed before they
+    all were: the checkpoint copies older than checkpoint-last.pth are made, and the scalars and log line written
+    unless log.txt has the epoch (the line comes last; a kill right before it can leave the scalars twice).
     """
     epoch = record["epoch"]
     if is_main_process():
@@ -144,14 +144,15 @@ def finish_epoch(args, record, is_best, log_writer):
         names = ["checkpoint-best.pth"] if is_best else []
         if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
             names.append(f"checkpoint-{epoch}.pth")
-        for name in names:
-            copy_file(last, os.path.join(args.output_dir, name))
+        for path in (os.path.join(args.output_dir, name) for name in names):
+            if not (replay and os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(last)):
+                copy_file(last, path)
         log_path = os.path.join(args.output_dir, "log.txt")
         lines = []
         if os.path.exists(log_path):
             with open(log_path) as f:
                 lines = f.read().splitlines()
-        if epoch not in [json.loads(line).get("epoch") for line in lines]:
+        if not (replay and epoch in [json.loads(line).get("epoch") for line in lines]):
             if log_writer is not None:  # MAE's tags for the evaluation (perf/test_acc1, ...)
                 for name, value in record.items():
                     log_writer.add_scalar(f"perf/{name}" if name.startswith("test_") else f"epoch/{name}", value, epoch)

@@ -82,7 +82,7 @@ def check_images(paths, max_files=16):
 
 
 class UnreadableImages:
-    """Training images that cannot be read, met while loading: each is replaced by the next readable image of the
+    """Images that cannot be read, met while loading: each is replaced by the next readable image of the
     list (a choice that depends on nothing else, so a resumed run loads what the uninterrupted one did), with a
     warning naming it, and counted in shared memory across the data-loading workers (see check_unreadable)."""
 
@@ -201,8 +201,9 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         return self.num_samples - self.start
 
 
-class TrainingImageFolder(ImageFolder):
-    """torchvision's ImageFolder whose unreadable images are replaced as in pre-training (UnreadableImages)."""
+class LabelledImageFolder(ImageFolder):
+    """torchvision's ImageFolder whose unreadable images are replaced as in pre-training (UnreadableImages): a bad
+    file never crashes an epoch, nor every requeue at the same place."""
 
     def __init__(self, folder, transform):
         super().__init__(folder, transform=transform, loader=load_image, is_valid_file=is_image_file)
@@ -213,15 +214,13 @@ class TrainingImageFolder(ImageFolder):
         return self.transform(img), self.targets[index]
 
 
-def build_imagefolder(root, split, transform, training=False):
-    """Labeled `root/<split>/<class>/<image>` dataset (torchvision ImageFolder) for fine-tuning, linear probing and
-    k-NN; `training`: unreadable images are replaced (TrainingImageFolder), else they stop the run."""
+def build_imagefolder(root, split, transform):
+    """Labelled `root/<split>/<class>/<image>` dataset (LabelledImageFolder) for fine-tuning, linear probing and
+    k-NN."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"data path {folder} does not exist (expected {root}/{split}/<class>/<images>)")
-    if training:
-        return TrainingImageFolder(folder, transform)
-    return ImageFolder(folder, transform=transform, loader=load_image, is_valid_file=is_image_file)
+    return LabelledImageFolder(folder, transform)
 
 
 def rank_shard(dataset, rank, world_size):

@@ -19,13 +19,16 @@ ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm."
 NEW_PREFIXES = ("head.", "fc_norm.")
 
 
-def add_encoder_args(parser):
-    """The flags of the scripts that evaluate a pre-trained encoder: architecture, input and the weights."""
+def add_encoder_args(parser, pretrained=True):
+    """The flags of the scripts that evaluate an encoder: architecture, input and (`pretrained`) the pre-trained
+    weights."""
     group = parser.add_argument_group("encoder")
     group.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS))
     group.add_argument("--input_size", default=None, type=int,
                        help="image size (default: the checkpoint's training input size, else 224)")
     group.add_argument("--patch_size", default=None, type=int, help="(default: the checkpoint's patch size, else 16)")
+    if not pretrained:
+        return
     group.add_argument("--finetune", default="", metavar="PATH",
                        help="pre-training checkpoint (ours, the LUT authors' or MAE's); none = random weights")
     group.add_argument("--checkpoint_key", default="model",
@@ -36,15 +39,19 @@ def add_encoder_args(parser):
 def check_encoder_args(args):
     """Check the encoder flags and fill --input_size / --patch_size from the checkpoint to load when not given (the
     pre-trained one, or the fine-tuned one an --eval reads): a one-line message instead of a size mismatch later."""
-    if args.finetune and not os.path.isfile(args.finetune):
-        raise SystemExit(f"--finetune checkpoint not found: {args.finetune}")
-    path, key = (args.resume, "model") if getattr(args, "eval", False) else (args.finetune, args.checkpoint_key)
+    finetune = getattr(args, "finetune", "")
+    if finetune and not os.path.isfile(finetune):
+        raise SystemExit(f"--finetune checkpoint not found: {finetune}")
+    path, key = (args.resume, "model") if getattr(args, "eval", False) else (finetune, args.checkpoint_key)
     saved, patch = {}, None
     if path:
         ckpt = load_checkpoint(path, mmap=True)
         saved = saved_args(ckpt)
-        state = normalize_pretrained(ckpt, key) if isinstance(ckpt.get(key), dict) else {}
-        weight = state.get("patch_embed.proj.weight")
+        if not isinstance(ckpt.get(key), dict):
+            present = sorted(k for k, v in ckpt.items() if isinstance(v, dict))
+            raise SystemExit(f"{path} has no weights under {key!r}" + ("" if getattr(args, "eval", False) else
+                             " (--checkpoint_key)") + f"; it has {present}")
+        weight = normalize_pretrained(ckpt, key).get("patch_embed.proj.weight")
         patch = weight.shape[-1] if weight is not None else None
         if args.patch_size not in (None, patch) and patch is not None:
             raise SystemExit(f"--patch_size {args.patch_size}, but {path} has {patch}-pixel patches "
@@ -117,3 +124,14 @@ def load_pretrained(model, path, checkpoint_key="model"):
     missing = load_encoder(model, state, source=f"{path} [{checkpoint_key}]")
     print(f"Loaded the pre-trained encoder from {path} [{checkpoint_key}]; newly initialised: {missing}")
     return missing
+
+
+def load_classifier(model, path):
+    """Load the weights of a fine-tuned classifier (a checkpoint of main_finetune.py or main_linprobe.py) into
+    `model` strictly, or stop with a one-line message naming the first mismatch."""
+    try:
+        model.load_state_dict(load_checkpoint(path)["model"])
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise SystemExit(f"{path} does not fit this model ({detail}); was it trained with other --model, --nb_classes "
+                         f"or pooling flags?") from None

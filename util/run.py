@@ -83,6 +83,16 @@ def start_run(args):
     return local_device(args)
 
 
+def take_output_dir(args):
+    """Before a training run starts: False (after saying so) when output_dir holds it finished, else True once the
+    folder is this run's (lock_output_dir). Every rank calls it."""
+    if run_is_finished(args):
+        destroy_distributed()
+        return False
+    lock_output_dir(args.output_dir)
+    return True
+
+
 def run_is_finished(args):
     """True, after saying so, when output_dir holds this run finished: all --epochs trained and the last epoch's
     outputs written. A re-run of a finished job then exits without touching anything."""
@@ -100,10 +110,10 @@ def run_is_finished(args):
 
 
 def lock_output_dir(output_dir):
-    """Make this run the only one writing to `output_dir` (every rank calls it, once its flags and data are checked),
-    or stop every rank with a message naming the run that
-    holds it (host, pid). The lock (an flock on output_dir/.lock, rank 0) goes with the process, however it ends, so a
-    dead run never blocks a restart. Temporary files an earlier run left behind are removed."""
+    """Make this run the only one writing to `output_dir` (every rank calls it, once its flags are checked), or stop
+    every rank with a message naming the run that holds it (host, pid). The lock, an flock on output_dir/.lock taken
+    by rank 0, goes with the process however it ends, so a dead run never blocks a restart. Temporary files an
+    earlier run left behind are removed."""
     global _output_lock
     holder = None
     if is_main_process():
@@ -115,6 +125,8 @@ def lock_output_dir(output_dir):
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
+        except OSError as e:  # a file system without locks (Lustre without -o flock, NFS without lockd)
+            print(f"WARNING: cannot lock {output_dir} ({e.strerror}): make sure no other run writes there")
         else:
             f.truncate(0)
             f.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
@@ -132,10 +144,10 @@ def open_outputs(args, ckpt_path, ckpt):
     {} for none); if it is this run's own checkpoint-last.pth and ended an epoch, that epoch's outputs are completed
     (see finish_epoch)."""
     log_writer = create_tb_writer(args.log_dir or args.output_dir)
-    own = ckpt_path and os.path.realpath(ckpt_path) == os.path.realpath(os.path.join(args.output_dir,
-                                                                                      "checkpoint-last.pth"))
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    own = ckpt_path and os.path.realpath(ckpt_path) == os.path.realpath(last)
     if own and ckpt.get("log_record"):
-        finish_epoch(args, ckpt["log_record"], ckpt.get("best_epoch") == ckpt["epoch"], log_writer)
+        finish_epoch(args, ckpt["log_record"], ckpt.get("best_epoch") == ckpt["epoch"], log_writer, replay=True)
     return log_writer
 
 
