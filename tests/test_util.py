@@ -556,3 +556,19 @@ def test_epoch_outputs_of_a_run_killed_after_checkpoint_last_are_completed_once(
     for name in ("checkpoint-1.pth", "checkpoint-best.pth"):
         assert torch.equal(load_checkpoint(tmp_path / name)["model"]["weight"], model.weight)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_checkpoint_in_the_authors_layout_resumes(tmp_path):
+    """Their teacher keys carry an 'ema.' prefix, their args are a Namespace, one process's RNG state is a dict."""
+    model, teacher = nn.Linear(2, 1), nn.Linear(2, 1)
+    optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
+    torch.manual_seed(3)
+    state = rng_state()
+    expected = _draw()
+    torch.save({"model": model.state_dict(), "model_ema": {f"ema.{k}": v + 1 for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "epoch": 4, "rng": state,
+                "args": argparse.Namespace(model="linear")}, tmp_path / "authors.pth")
+    args = argparse.Namespace(model="linear", steps_per_epoch=10, world_size=1, rank=0, seed=0)
+    assert load_training_state(tmp_path / "authors.pth", args, model, optimizer, scaler, teacher)[:2] == (5, 0)
+    assert _draw() == expected
+    torch.testing.assert_close(teacher.weight, model.weight + 1)

@@ -177,8 +177,8 @@ def load_training_state(path, args, model, optimizer, scaler, teacher=None):
                          f"use another --output_dir or --no_auto_resume")
     try:
         model.load_state_dict(ckpt["model"])
-        if teacher is not None:
-            teacher.load_state_dict(ckpt["model_ema"])
+        if teacher is not None:  # the LUT authors' teacher keys carry an 'ema.' prefix
+            teacher.load_state_dict(normalize_pretrained(ckpt, "model_ema"))
     except RuntimeError as e:  # another image or patch size, another width: a size mismatch
         sizes = {k: saved.get(k) for k in ("input_size", "patch_size")}
         detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
@@ -188,8 +188,10 @@ def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt.get("rng", [])) == args.world_size:
-        set_rng_state(ckpt["rng"][args.rank])  # each rank continues its own random streams
+    rng = ckpt.get("rng")
+    rng = [rng] if isinstance(rng, dict) else rng  # one process's state, as single-rank checkpoints held it
+    if rng and len(rng) == args.world_size:
+        set_rng_state(rng[args.rank])  # each rank continues its own random streams
     else:  # saved by another number of ranks: fresh streams, still one per rank
         seed_everything(args.seed + 1000 * (ckpt["epoch"] + 1) + args.rank)
     epoch, done = ckpt["epoch"], ckpt.get("epoch_step", args.steps_per_epoch)
