@@ -18,6 +18,15 @@ R_FIRST = IMAGENET_WNIDS.index(IMAGENET_R_WNIDS[0])  # goldfish, class 1
 A_FIRST = IMAGENET_WNIDS.index(IMAGENET_A_WNIDS[0])  # stingray, class 6 (class 10 and 1 are in neither subset)
 
 
+def test_imagenet_r_and_a_compete_over_their_authors_200_classes():
+    # Spot checks from the authors' eval scripts (hendrycks/imagenet-r, hendrycks/natural-adv-examples).
+    for wnids, first, last in ((IMAGENET_R_WNIDS, "n01443537", "n12267677"),
+                               (IMAGENET_A_WNIDS, "n01498041", "n12267677")):
+        assert len(wnids) == 200 and wnids == sorted(set(wnids)) and set(wnids) <= set(IMAGENET_WNIDS)
+        assert (wnids[0], wnids[-1]) == (first, last)
+    assert "n02009912" in IMAGENET_R_WNIDS and "n02009912" in IMAGENET_A_WNIDS  # American egret, in both
+
+
 def images(folder, n=2):
     os.makedirs(folder, exist_ok=True)
     for i in range(n):
