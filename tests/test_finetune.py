@@ -78,7 +78,7 @@ def test_pretrained_checkpoints_load_with_only_the_new_head_missing(tmp_path, fm
     save_checkpoint(ckpt, tmp_path / "ckpt.pth")
     model = vit()
     if fmt == "mae" and checkpoint_key == "model_ema":
-        with pytest.raises(KeyError, match=r"no weights under --checkpoint_key 'model_ema' \(it has \['model'\]\)"):
+        with pytest.raises(KeyError, match=r"no weights under 'model_ema' \(it has \['model'\]\)"):
             load_pretrained(model, tmp_path / "ckpt.pth", checkpoint_key)
         return
     missing = load_pretrained(model, tmp_path / "ckpt.pth", checkpoint_key)
@@ -88,6 +88,17 @@ def test_pretrained_checkpoints_load_with_only_the_new_head_missing(tmp_path, fm
     for k in loaded:
         if k not in NEW_HEAD:
             assert torch.equal(loaded[k], source[k]), k
+
+
+def test_a_checkpoint_key_the_file_lacks_is_refused_in_one_line_naming_its_entries(tmp_path):
+    ckpt, _, _ = checkpoint_in_format("mae")
+    save_checkpoint({**ckpt, "epoch": 3}, tmp_path / "ckpt.pth")
+    for key in ("teacher", "epoch"):
+        args = main_finetune.get_args_parser().parse_args(
+            ["--data_path", "x", "--finetune", str(tmp_path / "ckpt.pth"), "--checkpoint_key", key])
+        with pytest.raises(SystemExit, match=re.escape(f"no weights under '{key}' (it has ['model']) "
+                                                       f"(--checkpoint_key)")):
+            main_finetune.check_args(args)
 
 
 def test_cls_token_classifier_also_loads_the_final_norm(tmp_path):

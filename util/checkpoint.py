@@ -219,8 +219,8 @@ def normalize_pretrained(ckpt, key="model"):
     Reads ours ({'model', 'model_ema', 'optimizer', ...}), the LUT authors' ('model_ema' keys prefixed 'ema.'),
     MAE's released files ({'model': ...}) and other methods' ('state_dict' of MoCo v3, 'teacher' of DINO, ...).
     """
-    if key not in ckpt:
-        raise KeyError(f"checkpoint has no {key!r} entry; it has {sorted(ckpt)}")
+    if not isinstance(ckpt.get(key), dict):
+        raise KeyError(f"no weights under {key!r} (it has {sorted(k for k, v in ckpt.items() if isinstance(v, dict))})")
     state = {}
     for name, value in ckpt[key].items():
         while name.startswith(_WRAPPER_PREFIXES):
