@@ -31,8 +31,7 @@ def check_data_args(args):
 
 
 def build_datasets(args, train_transform, val_transform):
-    """(train, val) ImageFolders of args.data_path, train None with --eval (which reads val/ only); checks and sets
-    args.nb_classes. Fails with a clear message on bad data."""
+    """(train, val) ImageFolders of args.data_path (train None with --eval); checks and sets args.nb_classes."""
     try:
         val = build_imagefolder(args.data_path, "val", val_transform)
         train = None if args.eval else build_imagefolder(args.data_path, "train", train_transform)
@@ -50,9 +49,8 @@ def build_datasets(args, train_transform, val_transform):
 
 
 def build_loaders(args, train_set, val_set, device):
-    """Training loader (shuffled, split over ranks, drop_last, able to skip the batches a preempted run already
-    trained on; None without a train_set) and validation loader (the whole set on every rank, or one shard per rank
-    with --dist_eval); sets args.steps_per_epoch."""
+    """(train loader: shuffled over ranks, resumable mid-epoch, None without train_set; val loader: the whole set,
+    or this rank's shard with --dist_eval); sets args.steps_per_epoch."""
     pin = args.pin_mem and device.type == "cuda"
     if args.dist_eval and args.distributed:
         val_set = rank_shard(val_set, args.rank, args.world_size)
@@ -74,14 +72,10 @@ def build_loaders(args, train_set, val_set, device):
 
 def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, epoch, args, mixup_fn=None,
                     clip_grad=None, start_step=0, totals=None, log_writer=None, should_stop=lambda step: False):
-    """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step) says so.
+    """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step).
 
-    Per-iteration lr schedule, optional Mixup / CutMix and gradient-norm clipping, gradient accumulation, AMP.
-    model: DDP-wrapped when distributed; the batches are (images [B, 3, H, W], labels [B]); an epoch is
-    args.steps_per_epoch optimizer steps.
-    totals: the logger totals of the epoch's first part when resuming mid-epoch (see MetricLogger).
-    Returns (dict of epoch means averaged over ranks plus the last lr, optimizer steps of the epoch done,
-    the logger totals to save with a mid-epoch checkpoint).
+    model: DDP-wrapped when distributed; batches: (images [B, 3, H, W], labels [B]); totals: the logger totals of the
+    epoch's first part when resuming mid-epoch. Returns (epoch means over ranks, optimizer steps done, logger totals).
     """
     model.train()
     accum = args.accum_iter
@@ -127,12 +121,10 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
 
 @torch.no_grad()
 def evaluate(model, data_loader, device, amp="none", reduce=False, classes=None, header="Test:"):
-    """Top-1 / top-5 accuracy (%) and mean cross-entropy of `model` on `data_loader` (images, labels).
+    """dict(acc1, acc5 (%), loss (mean cross-entropy), count) of `model` (unwrapped) on `data_loader`.
 
-    reduce: the loader holds this rank's shard of the data (--dist_eval); counts are summed over ranks, so the result
-    equals a single-process evaluation of the whole set. model: unwrapped (not DDP), since shards may differ in length.
-    classes: indices of the logits that compete (the labels index into them), e.g. ImageNet-R's 200 of 1000.
-    Returns dict(acc1, acc5, loss, count).
+    reduce: the loader holds this rank's shard (--dist_eval); counts are summed over ranks, so the result is exactly
+    the whole set's. classes: the indices of the competing logits, which the labels index, e.g. ImageNet-R's 200.
     """
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
@@ -161,12 +153,9 @@ def evaluate(model, data_loader, device, amp="none", reduce=False, classes=None,
 
 def fit(args, model, optimizer, criterion, train_loader, val_loader, device, ckpt_path, mixup_fn=None,
         clip_grad=None):
-    """The epoch loop of fine-tuning and linear probing: resume (or start), then per epoch train, evaluate on val/,
-    keep the best top-1 and save (checkpoint-last.pth, checkpoint-best.pth, checkpoint-<epoch>.pth, logs).
-
-    model: unwrapped, on `device`; ckpt_path: the checkpoint to resume from, None to start afresh. A preemption
-    signal stops at an optimizer step all ranks agree on: the position is saved, the evaluation follows the requeue.
-    """
+    """The epoch loop of fine-tuning and linear probing: resume from ckpt_path (None: start), then per epoch train,
+    evaluate on val/, keep the best top-1 and save. model: unwrapped, on `device`. A preemption stops at an optimizer
+    step all ranks agree on; the position is saved and the requeued run goes on from there."""
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     start_epoch, start_step, totals, ckpt = load_training_state(ckpt_path, args, model, optimizer, scaler)
     best = dict(max_accuracy=ckpt.get("max_accuracy", 0.0), best_epoch=ckpt.get("best_epoch"))

@@ -32,11 +32,10 @@ def masking_noise(args, epoch, micro_step, batch_size, num_patches, device):
 
 
 def pretrain_step(model, teacher, views, noise, args):
-    """Forward pass of one micro-batch under the --amp autocast; returns the loss terms (0-d tensors).
+    """Forward pass of one micro-batch under the --amp autocast: dict(loss, mim, bc) for LUT, dict(loss) for MAE.
 
-    model: the student (DDP-wrapped or compiled is fine); teacher: the EMA copy in eval mode for LUT, None for MAE.
-    views: [view1, view2] for LUT or [imgs] for MAE, each [B, 3, H, W] on the device; noise: [B, L] masking noise.
-    Returns dict(loss, mim, bc) for LUT, dict(loss) for MAE; `loss` is what is back-propagated.
+    model: the student (maybe DDP-wrapped); teacher: the EMA copy in eval mode, None for MAE; views: [view1, view2]
+    (LUT) or [imgs] (MAE), each [B, 3, H, W]; noise: [B, L] masking noise.
     """
     with autocast(views[0].device, args.amp):
         if teacher is None:
@@ -49,10 +48,7 @@ def pretrain_step(model, teacher, views, noise, args):
 
 
 def build_optimizer(student, args, device):
-    """AdamW of docs/method.md: betas (0.9, 0.95), weight decay args.weight_decay on weights with ndim >= 2 only.
-
-    The fused kernel updates all parameters in one pass (CUDA and CPU), the same math as the per-tensor loop.
-    """
+    """AdamW (0.9, 0.95), weight decay on weights with ndim >= 2 only; fused: one kernel for all parameters."""
     # By keyword: timm's third positional parameter is weight_decay_exclude_1d, not the no-decay list.
     param_groups = param_groups_weight_decay(student, args.weight_decay,
                                              no_weight_decay_list=student.no_weight_decay())
@@ -70,14 +66,11 @@ def apply_gradients(optimizer, scaler, student, teacher, momentum):
 
 def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoch, args, start_step=0, totals=None,
                     log_writer=None, should_stop=lambda step: False, step_fn=pretrain_step):
-    """Train from optimizer step `start_step` of `epoch` to the end of the epoch, or until should_stop(global_step).
+    """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step).
 
-    model: the student (DDP-wrapped when distributed); teacher: the EMA copy for LUT, None for MAE.
-    step_fn: `pretrain_step` or torch.compile(pretrain_step).
-    args.steps_per_epoch optimizer steps make an epoch, each of args.accum_iter micro-batches.
-    totals: the logger totals of the epoch's first part when resuming mid-epoch (see MetricLogger).
-    Returns (stats: dict of epoch means, steps_done: optimizer steps of this epoch completed so far,
-    totals: the logger totals to save with a mid-epoch checkpoint).
+    model: the student (DDP-wrapped when distributed); teacher: the EMA copy, None for MAE; step_fn: pretrain_step or
+    its torch.compile; totals: the logger totals of the epoch's first part when resuming mid-epoch.
+    Returns (epoch means, optimizer steps of the epoch done, logger totals).
     """
     model.train()
     student = model.module if hasattr(model, "module") else model

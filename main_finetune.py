@@ -144,15 +144,14 @@ def param_groups_lrd(model, weight_decay, layer_decay):
 
 
 def build_optimizer(args, model, device):
-    """AdamW (0.9, 0.999) with MAE's layer-wise lr decay (param_groups_lrd). The fused kernel (CUDA and CPU) updates
-    all parameters in one pass, the same math as the per-tensor loop."""
+    """AdamW (0.9, 0.999) with MAE's layer-wise lr decay; fused: one kernel for all parameters."""
     param_groups = param_groups_lrd(model, args.weight_decay, args.layer_decay)
     return torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.999), fused=device.type in ("cuda", "cpu"))
 
 
 def build_criterion(args):
-    """(mixup_fn or None, loss): Mixup / CutMix with soft-target cross-entropy (the mixed targets are already
-    smoothed), else label smoothing or plain cross-entropy."""
+    """(mixup_fn or None, loss): Mixup / CutMix with soft-target cross-entropy (the targets come smoothed), else
+    label smoothing or plain cross-entropy."""
     if not mixup_active(args):
         if args.smoothing > 0:
             return None, LabelSmoothingCrossEntropy(smoothing=args.smoothing)

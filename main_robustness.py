@@ -59,27 +59,30 @@ def find_sets(args):
     for name in SETS:
         given = getattr(args, f"{name.replace('-', '_')}_path")
         path = given or (args.data_root and os.path.join(args.data_root, name))
+        if given and not os.path.isdir(given):
+            raise SystemExit(f"--{name.replace('-', '_')}_path {given} is not a folder")
         if path and os.path.isdir(path):
             found[name] = path
-        elif given:
-            raise SystemExit(f"--{name.replace('-', '_')}_path {given} is not a folder")
-    if not found:
-        raise SystemExit(f"no robustness set found: give --data_root with any of {', '.join(SETS)}, or their --*_path")
-    for name, path in found.items():
-        if name == "imagenet-c":
-            for corruption in corruptions(path):
+            for corruption in corruptions(path) if name == "imagenet-c" else []:
                 if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
                     raise SystemExit(f"{name} at {path}: {corruption!r} is none of its 19 corruptions")
-                for severity in SEVERITIES:
-                    check_classes(name, os.path.join(path, corruption, str(severity)))
-        else:
-            check_classes(name, path)
+            for folder in parts(name, path).values():
+                check_classes(name, folder)
+    if not found:
+        raise SystemExit(f"no robustness set found: give --data_root with any of {', '.join(SETS)}, or their --*_path")
     return found
 
 
 def corruptions(folder):
     """The corruption folders under imagenet-c/ (files and hidden entries are not)."""
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def parts(name, root):
+    """{result key: class-folder root} of a set: itself, or for ImageNet-C every corruption and severity."""
+    if name != "imagenet-c":
+        return {name: root}
+    return {f"{name}/{c}/{s}": os.path.join(root, c, str(s)) for c in corruptions(root) for s in SEVERITIES}
 
 
 def check_classes(name, folder):
@@ -150,9 +153,8 @@ def main(args):
             write_atomically(path, lambda f: f.write(text.encode()))
 
     for name, root in sets.items():
-        parts = ([(f"{name}/{c}/{s}", os.path.join(root, c, str(s))) for c in corruptions(root)
-                  for s in SEVERITIES] if name == "imagenet-c" else [(name, root)])
-        for key, folder in parts:
+        classes = SETS[name][1]
+        for key, folder in parts(name, root).items():
             if key in results:
                 continue
             images = dataset(name, folder, transform)
@@ -160,7 +162,6 @@ def main(args):
                 images = rank_shard(images, args.rank, args.world_size)
             loader = torch.utils.data.DataLoader(images, batch_size=args.batch_size, num_workers=args.num_workers,
                                                  pin_memory=args.pin_mem and device.type == "cuda")
-            classes = SETS[name][1]
             stats = evaluate(model, loader, device, args.amp, reduce,
                              None if classes is None else torch.tensor(classes, device=device), key)
             results[key] = dict(images=stats["count"], acc1=stats["acc1"], acc5=stats["acc5"])

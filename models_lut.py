@@ -51,7 +51,6 @@ def bc_loss(q1, q2, k1, k2):
 
 
 def lut_loss(mim_loss, bc, w_mae=1.0, w_bc=0.25):
-    """LUT's total loss: w_mae * L_mim + w_bc * L_bc."""
     return w_mae * mim_loss + w_bc * bc
 
 
@@ -124,8 +123,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.apply(self._init_weights)
 
     def no_weight_decay(self):
-        """Parameters excluded from weight decay besides biases and norms: tokens and position embeddings
-        (docs/method.md, section 4)."""
+        """Besides biases and norms, no weight decay on tokens and position embeddings (docs/method.md, 4)."""
         return {"cls_token", "mask_token", "pos_embed", "decoder_pos_embed"}
 
     @staticmethod
@@ -167,10 +165,7 @@ class MaskedAutoencoderViT(nn.Module):
         return self.norm(x)
 
     def forward_decoder(self, latent, ids_restore):
-        """latent: [B, 1 + n, D] from `forward_encoder` with ids_keep = the first n of the shuffle.
-
-        ids_restore: [B, L]. Returns the pixel predictions for every patch, [B, L, p*p*C].
-        """
+        """latent: [B, 1 + n, D] (the first n of the shuffle visible); ids_restore: [B, L]. Returns [B, L, p*p*C]."""
         x = self.decoder_embed(latent)
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.to(x.dtype).expand(B, L + 1 - x.shape[1], -1)
@@ -242,10 +237,7 @@ class LUT(MaskedAutoencoderViT):
 
     @torch.no_grad()
     def forward_teacher(self, imgs1, imgs2):
-        """Teacher path (call it on the EMA copy, in eval mode): both views unmasked, projector only.
-
-        Returns (k1, k2), each [B, D].
-        """
+        """Teacher path (the EMA copy, in eval mode): both views unmasked, projector only. Returns k1, k2: [B, D]."""
         if self.training:
             raise RuntimeError("forward_teacher needs eval mode: the teacher's BatchNorm uses running statistics")
         latent = self.forward_encoder(torch.cat([imgs1, imgs2]))

@@ -1,8 +1,5 @@
-"""Checkpoints: crash-safe saving, safe (weights_only) loading, training state in and out, RNG state.
-
-A checkpoint is a dict of tensors and plain Python values (docs/method.md, "Checkpoints"), so
-torch.load(weights_only=True) reads it.
-"""
+"""Checkpoints (dicts of tensors and plain values, docs/method.md): crash-safe saving, weights_only loading, the
+training state in and out, and the outputs of a finished epoch."""
 import argparse
 import contextlib
 import json
@@ -22,20 +19,17 @@ _WRAPPER_PREFIXES = ("module.", "ema.", "base_encoder.", "backbone.")
 
 
 def save_checkpoint(state, path):
-    """torch.save(state, path) atomically (see write_atomically)."""
     write_atomically(path, lambda f: torch.save(state, f))
 
 
 def copy_file(src, dst):
-    """Copy src to dst atomically (see write_atomically)."""
     with open(src, "rb") as source:
         write_atomically(dst, lambda f: shutil.copyfileobj(source, f, 2 ** 24))
 
 
 def write_atomically(path, write):
-    """write(file) into path.tmp, then rename it to `path`: `path` holds either its previous or its new content,
-    whenever the process dies. A failed write (a full disk, a quota) removes path.tmp and stops the run with the file
-    and the cause; the previous file stays as it was."""
+    """write(file) into path.tmp, then rename it to `path`, which so holds its old or new content whenever the
+    process dies. A failed write (full disk, quota) removes path.tmp and stops the run in one line."""
     path = os.fspath(path)
     tmp = path + ".tmp"
     try:
@@ -58,11 +52,8 @@ def write_atomically(path, write):
 
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
-    """torch.load(path, weights_only=True) with argparse.Namespace allowed (the authors' checkpoints store args so).
-
-    Anything else that needs unsafe unpickling is refused with an error naming the file; there is no fallback.
-    mmap: map the file instead of reading it (to look at a few entries of a large checkpoint).
-    """
+    """torch.load(path, weights_only=True), argparse.Namespace allowed (the authors' args); anything else that needs
+    unsafe unpickling is refused. mmap: map the file (to read a few entries of a large checkpoint)."""
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -79,12 +70,8 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
 
 
 def find_resume_checkpoint(output_dir, resume, auto_resume):
-    """The checkpoint a (re)started run continues from.
-
-    output_dir/checkpoint-last.pth once this run has written one (unless auto_resume is off): a job requeued with its
-    original arguments must continue where it stopped, not go back to its --resume file. Else `resume` if given,
-    else None (a fresh start).
-    """
+    """output_dir/checkpoint-last.pth once this run wrote one (a requeued job continues where it stopped, not from
+    its --resume file), unless auto_resume is off; else `resume`, else None (a fresh start)."""
     last = os.path.join(output_dir, "checkpoint-last.pth")
     if auto_resume and os.path.isfile(last):
         if resume and os.path.realpath(resume) != os.path.realpath(last):
@@ -94,12 +81,9 @@ def find_resume_checkpoint(output_dir, resume, auto_resume):
 
 
 def save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals=None, **extra):
-    """Write a resumable checkpoint on rank 0 (every rank calls it and waits for the file).
-
-    model: unwrapped; epoch_step: optimizer steps of `epoch` done (args.steps_per_epoch = the epoch is complete);
-    totals: the epoch's logger totals, kept when saving mid-epoch so the resumed run's epoch means cover the whole
-    epoch; extra: more entries (model_ema, max_accuracy, ...).
-    """
+    """Write a resumable checkpoint on rank 0; every rank calls it. model: unwrapped; epoch_step: optimizer steps of
+    `epoch` done; totals: the logger totals, kept mid-epoch so the resumed epoch's means cover all of it; extra: more
+    entries (model_ema, max_accuracy, ...)."""
     rng = all_gather_object(rng_state())  # every rank's own random streams (augmentations, drop path, ...)
     if is_main_process():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
@@ -112,12 +96,8 @@ def save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step,
 
 def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_writer, train_stats, test_stats=None,
                is_best=False, **extra):
-    """Save output_dir/checkpoint-last.pth after training (part of) `epoch`; every rank calls it.
-
-    Stopped mid-epoch (epoch_step < args.steps_per_epoch), it holds the position. At the end of the epoch it also
-    holds the epoch's log record (train_<name>, test_<name>, epoch, n_parameters), from which finish_epoch then
-    writes the epoch's other outputs. extra: more checkpoint entries (model_ema, max_accuracy, ...).
-    """
+    """Save output_dir/checkpoint-last.pth after (part of) `epoch`; every rank calls it. At the end of an epoch it
+    also holds the epoch's log record, from which finish_epoch writes the epoch's other outputs."""
     path = os.path.join(args.output_dir, "checkpoint-last.pth")
     if epoch_step < args.steps_per_epoch:
         save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals, **extra)
@@ -130,13 +110,11 @@ def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_wr
 
 
 def finish_epoch(args, record, is_best, log_writer, replay=False):
-    """The outputs of a finished epoch, after its checkpoint-last.pth is written: checkpoint-<epoch>.pth (every
-    --save_freq epochs and after the last), checkpoint-best.pth (`is_best`), TensorBoard scalars and the log.txt
-    line `record` (numbers by name, with its "epoch"). Every rank calls it; rank 0 writes.
+    """A finished epoch's outputs after its checkpoint-last.pth: checkpoint-<epoch>.pth (every --save_freq epochs and
+    the last), checkpoint-best.pth, TensorBoard scalars and the log.txt line `record`; rank 0 writes.
 
-    replay: a restarted run completes the outputs of its checkpoint-last.pth, written by a run killed before they
-    all were: the checkpoint copies older than checkpoint-last.pth are made, and the scalars and log line written
-    unless log.txt has the epoch (the line comes last; a kill right before it can leave the scalars twice).
+    replay: a restart completes what a killed run left undone: copies older than checkpoint-last.pth are redone, the
+    scalars and log line written unless log.txt has the epoch (a kill right before the line can log scalars twice).
     """
     epoch = record["epoch"]
     if is_main_process():
@@ -163,11 +141,8 @@ def finish_epoch(args, record, is_best, log_writer, replay=False):
 
 
 def load_training_state(path, args, model, optimizer, scaler, teacher=None):
-    """Resume from a checkpoint of the same script: weights (and the teacher's), optimizer, scaler, RNG state.
-
-    Returns (start_epoch, start_step, totals, checkpoint): a checkpoint written mid-epoch resumes at its step with
-    the logger totals of the epoch's first part, an end-of-epoch one at the next epoch; path None starts afresh.
-    """
+    """Resume weights (and the teacher's), optimizer, scaler and RNG state from a checkpoint of the same script.
+    Returns (start_epoch, start_step, logger totals, checkpoint); path None starts afresh."""
     if path is None:
         return 0, 0, None, {}
     ckpt = load_checkpoint(path)
@@ -214,11 +189,8 @@ def saved_args(ckpt):
 
 
 def normalize_pretrained(ckpt, key="model"):
-    """State dict `ckpt[key]` with wrapper prefixes (module., ema., base_encoder., backbone.) removed.
-
-    Reads ours ({'model', 'model_ema', 'optimizer', ...}), the LUT authors' ('model_ema' keys prefixed 'ema.'),
-    MAE's released files ({'model': ...}) and other methods' ('state_dict' of MoCo v3, 'teacher' of DINO, ...).
-    """
+    """State dict `ckpt[key]` without wrapper prefixes: ours, the LUT authors', MAE's, MoCo v3's ('state_dict'),
+    DINO's ('teacher'), ..."""
     if not isinstance(ckpt.get(key), dict):
         raise KeyError(f"no weights under {key!r} (it has {sorted(k for k, v in ckpt.items() if isinstance(v, dict))})")
     state = {}

@@ -13,18 +13,14 @@ _builtin_print = builtins.print
 
 
 def slurm_first_host(nodelist):
-    """First host name of a SLURM node list such as 'node[03-05]' (the job's rank-0 node)."""
+    """First host of a SLURM node list such as 'node[03-05]' (the job's rank-0 node)."""
     return subprocess.check_output(["scontrol", "show", "hostnames", nodelist], text=True).split()[0]
 
 
 def launcher_env(env, first_host=slurm_first_host):
-    """Rank layout from the launcher's environment variables, without touching any process group.
-
-    Returns None for a plain single process, else a dict with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
-    (strings, ready for os.environ). torchrun's variables win, so torchrun inside a SLURM allocation works. SLURM's
-    are used only inside a job step (srun sets SLURM_STEP_ID): a batch script's own process is one process, whatever
-    the allocation's number of tasks.
-    """
+    """Rank layout from the launcher's environment: None for a plain process, else RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT (strings for os.environ). torchrun's variables win (torchrun inside a SLURM allocation);
+    SLURM's count only inside a job step (srun sets SLURM_STEP_ID): a batch script itself is one process."""
     if "RANK" in env and "WORLD_SIZE" in env:
         keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
         return {"LOCAL_RANK": "0", **{k: env[k] for k in keys if k in env}}
@@ -41,14 +37,9 @@ def launcher_env(env, first_host=slurm_first_host):
 
 
 def init_distributed(args):
-    """Join the process group the launcher describes; sets args.rank, args.world_size, args.gpu, args.distributed.
-
-    Backend nccl when args.device is 'cuda...', else gloo (CPU runs); a rank waits --dist_timeout minutes for the
-    others, in any collective, before the job fails. A world of size 1 runs without a process group. MAE's launcher
-    flags are honoured: --local_rank (when the environment has no LOCAL_RANK), --world_size (checked against the
-    launcher's), --dist_url (the rendezvous, env:// by default). Only rank 0 prints afterwards (print(..., force=True)
-    prints on every rank).
-    """
+    """Join the launcher's process group (nccl for --device cuda, else gloo; none for one process); sets args.rank,
+    args.world_size, args.gpu, args.distributed. A rank waits --dist_timeout minutes for the others in any collective.
+    MAE's --local_rank, --world_size (checked) and --dist_url are honoured. Only rank 0 prints afterwards."""
     layout = launcher_env(os.environ)
     if layout is None and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
         print(f"A SLURM allocation of {os.environ['SLURM_NTASKS']} tasks, but this process was not started by srun: "
@@ -86,14 +77,12 @@ def init_distributed(args):
 
 
 def launcher_world_size():
-    """The number of processes the launcher started (1 for a plain process)."""
     layout = launcher_env(os.environ, first_host=lambda nodelist: "")
     return int(layout["WORLD_SIZE"]) if layout else 1
 
 
 def destroy_distributed():
-    """Leave the process group at the end of a run, on every rank: a process that exits while still in one can die
-    with SIGABRT ('terminate called without an active exception') as gloo's threads are torn down."""
+    """Leave the process group on every rank: exiting while in one can SIGABRT as gloo's threads are torn down."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -101,13 +90,10 @@ def destroy_distributed():
 
 def local_device(args):
     """The torch.device this process computes on: 'cuda:<local rank>' for --device cuda, else args.device."""
-    if args.device.startswith("cuda"):
-        return torch.device("cuda", args.gpu)
-    return torch.device(args.device)
+    return torch.device("cuda", args.gpu) if args.device.startswith("cuda") else torch.device(args.device)
 
 
 def wrap_ddp(model, args, device):
-    """`model` in DistributedDataParallel when the run is distributed, else `model` itself."""
     if not args.distributed:
         return model
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -158,10 +144,8 @@ def all_reduce_sum(x):
 
 
 def all_reduce_mean(x):
-    """Mean over ranks of a floating tensor (any shape) or a float, returned as the same kind; x itself on one rank."""
-    if get_world_size() == 1:
-        return x
-    return all_reduce_sum(x) / get_world_size()
+    """Mean over ranks, like all_reduce_sum."""
+    return x if get_world_size() == 1 else all_reduce_sum(x) / get_world_size()
 
 
 def all_gather_object(obj):

@@ -1,5 +1,5 @@
-"""What every entry script shares: the run flags (device, precision, seed, output folders, data-loader workers,
-print and save frequencies, resuming), their checks, the start of a run and the outputs of each finished epoch."""
+"""What every entry script shares: the run flags (device, precision, seed, outputs, workers, frequencies, resume),
+their checks, taking the output folder, and the start and end of a run."""
 import argparse
 import datetime
 import fcntl
@@ -20,7 +20,7 @@ _output_lock = None  # the open lock file of this process's output folder, held 
 
 
 def add_run_args(parser, training=True):
-    """The run flags; `training` adds those of the scripts that train (resume, print and save frequencies)."""
+    """The run flags; `training` adds those of the scripts that train."""
     group = parser.add_argument_group("run")
     group.add_argument("--output_dir", default="./output_dir")
     group.add_argument("--log_dir", default=None, help="TensorBoard folder (default: output_dir)")
@@ -51,8 +51,7 @@ def add_run_args(parser, training=True):
 
 
 def check_run_args(args):
-    """Refuse bad run flags with a one-line message before anything is built; fills the --device and --amp
-    defaults."""
+    """One-line refusals of bad run flags before anything is built; fills the --device and --amp defaults."""
     if args.device is None:
         if not torch.cuda.is_available() and launcher_world_size() > 1:
             raise SystemExit(f"{launcher_world_size()} processes but CUDA is not usable here (torch "
@@ -76,16 +75,14 @@ def check_run_args(args):
 
 
 def start_run(args):
-    """Check the run flags, join the launcher's process group (args.rank, args.world_size, args.distributed) and
-    return the torch.device this process computes on."""
+    """Check the run flags, join the launcher's process group and return this process's torch.device."""
     check_run_args(args)
     init_distributed(args)
     return local_device(args)
 
 
 def take_output_dir(args):
-    """Before a training run starts: False (after saying so) when output_dir holds it finished, else True once the
-    folder is this run's (lock_output_dir). Every rank calls it."""
+    """False when output_dir holds this run finished, else True once the folder is this run's; every rank calls it."""
     if run_is_finished(args):
         destroy_distributed()
         return False
@@ -94,8 +91,8 @@ def take_output_dir(args):
 
 
 def run_is_finished(args):
-    """True, after saying so, when output_dir holds this run finished: all --epochs trained and the last epoch's
-    outputs written. A re-run of a finished job then exits without touching anything."""
+    """True, after saying so, when all --epochs are trained and the last epoch's outputs written: a re-run of a
+    finished job exits without touching anything."""
     last, log = (os.path.join(args.output_dir, name) for name in ("checkpoint-last.pth", "log.txt"))
     if not (args.auto_resume and os.path.isfile(last) and os.path.isfile(log)):
         return False
@@ -110,10 +107,8 @@ def run_is_finished(args):
 
 
 def lock_output_dir(output_dir):
-    """Make this run the only one writing to `output_dir` (every rank calls it, once its flags are checked), or stop
-    every rank with a message naming the run that holds it (host, pid). The lock, an flock on output_dir/.lock taken
-    by rank 0, goes with the process however it ends, so a dead run never blocks a restart. Temporary files an
-    earlier run left behind are removed."""
+    """Make this run the only writer of `output_dir`, or stop every rank naming the run that holds it. Rank 0's flock
+    on output_dir/.lock dies with the process, so a dead run never blocks a restart; its leftover *.tmp go."""
     global _output_lock
     holder = None
     if is_main_process():
@@ -140,9 +135,8 @@ def lock_output_dir(output_dir):
 
 
 def open_outputs(args, ckpt_path, ckpt):
-    """The TensorBoard writer (rank 0; None elsewhere). ckpt_path, ckpt: the checkpoint the run resumes from (None,
-    {} for none); if it is this run's own checkpoint-last.pth and ended an epoch, that epoch's outputs are completed
-    (see finish_epoch)."""
+    """The TensorBoard writer (None off rank 0), after completing the outputs of the epoch this run's own
+    checkpoint-last.pth ended, if the run resumes from it (finish_epoch's replay)."""
     log_writer = create_tb_writer(args.log_dir or args.output_dir)
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
     own = ckpt_path and os.path.realpath(ckpt_path) == os.path.realpath(last)
@@ -152,7 +146,7 @@ def open_outputs(args, ckpt_path, ckpt):
 
 
 def end_run(log_writer, start_time, preemption):
-    """Close the logs, leave the process group and, after a preemption signal, requeue (see util/preemption)."""
+    """Close the logs, leave the process group and, after a preemption signal, requeue."""
     if log_writer is not None:
         log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
