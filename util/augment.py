@@ -1,8 +1,7 @@
 """Image augmentations for pre-training (docs/method.md, section 5) and evaluation.
 
-All transforms take an RGB PIL image and return float tensors [3, input_size, input_size] normalised with the
-ImageNet mean/std. Every random choice draws from torch's global CPU RNG (never python's `random`), so
-`util.datasets.PretrainDataset` can make each augmentation a pure function of its seed.
+RGB PIL image -> float tensor [3, input_size, input_size], ImageNet-normalised. Every random choice draws from torch's
+CPU RNG (never python's `random`), so PretrainDataset can make each augmentation a pure function of its seed.
 """
 import math
 
@@ -13,27 +12,14 @@ from PIL import ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 BICUBIC = T.InterpolationMode.BICUBIC
+TO_TENSOR = [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
 
 
-def _to_normalized_tensor():
-    return [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
-
-
-class OneOf:
-    """Apply exactly one of `transforms`, chosen uniformly.
-
-    torchvision's v1 RandomChoice draws from python's `random`, which the per-sample torch seeding does not control.
-    """
-
-    def __init__(self, transforms):
-        self.transforms = list(transforms)
+class OneOf(T.RandomChoice):
+    """RandomChoice drawing from torch's RNG: torchvision's draws from python's `random`."""
 
     def __call__(self, img):
-        choice = int(torch.randint(len(self.transforms), ()))
-        return self.transforms[choice](img)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.transforms})"
+        return self.transforms[int(torch.randint(len(self.transforms), ()))](img)
 
 
 class GaussianBlur:
@@ -43,48 +29,32 @@ class GaussianBlur:
         self.sigma = sigma
 
     def __call__(self, img):
-        radius = float(torch.empty(()).uniform_(*self.sigma))
-        return img.filter(ImageFilter.GaussianBlur(radius=radius))
-
-    def __repr__(self):
-        return f"{type(self).__name__}(sigma={self.sigma})"
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(*self.sigma))))
 
 
 class LUTTwoViews:
-    """The two LUT views of one image (docs/method.md, section 5).
+    """The two LUT views of one image -> (view1, view2), each [3, input_size, input_size].
 
-    Both views: resize the shorter side to `input_size`, random crop with 4-pixel reflect padding, horizontal flip —
-    LUT deliberately avoids RandomResizedCrop. View 1 stays photometrically clean because it is also the
-    reconstruction target; view 2 adds colour jitter and one of grayscale / solarize / blur.
-
-    Returns (view1, view2), each [3, input_size, input_size].
+    Both: resize the shorter side to `input_size`, random crop with 4-pixel reflect padding, horizontal flip — LUT
+    deliberately avoids RandomResizedCrop. View 1 stays photometrically clean because it is also the reconstruction
+    target; view 2 adds colour jitter and one of grayscale / solarize / blur.
     """
 
     def __init__(self, input_size):
         # The resize is deterministic, so the two views share one: the same pixels and random draws as resizing in
         # each view, with half the resampling work (the largest cost after decoding).
         self.resize = T.Resize(input_size, interpolation=BICUBIC)
-
-        def crop_and_flip():
-            return [T.RandomCrop(input_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
-
-        self.view1 = T.Compose(crop_and_flip() + _to_normalized_tensor())
-        self.view2 = T.Compose(crop_and_flip() + [
+        crop_and_flip = [T.RandomCrop(input_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
+        self.view1 = T.Compose(crop_and_flip + TO_TENSOR)
+        self.view2 = T.Compose(crop_and_flip + [
             T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
             # Threshold 128 (of 255) as in BYOL and the LUT authors' code: pixels >= 128 are inverted.
-            OneOf([
-                T.Grayscale(num_output_channels=3),
-                T.RandomSolarize(threshold=128, p=1.0),
-                GaussianBlur(sigma=(0.1, 2.0)),
-            ]),
-        ] + _to_normalized_tensor())
+            OneOf([T.Grayscale(num_output_channels=3), T.RandomSolarize(threshold=128, p=1.0), GaussianBlur()]),
+        ] + TO_TENSOR)
 
     def __call__(self, img):
         img = self.resize(img)
         return self.view1(img), self.view2(img)
-
-    def __repr__(self):
-        return f"{type(self).__name__}(resize={self.resize}, view1={self.view1}, view2={self.view2})"
 
 
 class RandomResizedCrop(T.RandomResizedCrop):
@@ -106,16 +76,13 @@ class RandomResizedCrop(T.RandomResizedCrop):
 
 def linprobe_transform(input_size):
     """MAE's linear-probe training view: its RandomResizedCrop (bicubic, scale 0.08-1) + flip."""
-    return T.Compose([RandomResizedCrop(input_size, interpolation=BICUBIC), T.RandomHorizontalFlip()]
-                     + _to_normalized_tensor())
+    return T.Compose([RandomResizedCrop(input_size, interpolation=BICUBIC), T.RandomHorizontalFlip()] + TO_TENSOR)
 
 
 def mae_transform(input_size):
-    """MAE pre-training crop: RandomResizedCrop(scale 0.2-1, bicubic) + flip -> [3, input_size, input_size]."""
-    return T.Compose([
-        T.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-        T.RandomHorizontalFlip(),
-    ] + _to_normalized_tensor())
+    """MAE pre-training crop: RandomResizedCrop (bicubic, scale 0.2-1) + flip."""
+    return T.Compose([T.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
+                      T.RandomHorizontalFlip()] + TO_TENSOR)
 
 
 def eval_crop_pct(input_size):
@@ -124,9 +91,6 @@ def eval_crop_pct(input_size):
 
 
 def eval_transform(input_size):
-    """Deterministic evaluation view: resize the shorter side to int(input_size / eval_crop_pct) (bicubic), then
-    centre crop input_size: 224 px images from 256, 384 px ones from 384."""
-    return T.Compose([
-        T.Resize(int(input_size / eval_crop_pct(input_size)), interpolation=BICUBIC),
-        T.CenterCrop(input_size),
-    ] + _to_normalized_tensor())
+    """Resize the shorter side to int(input_size / eval_crop_pct) (bicubic), centre crop input_size."""
+    return T.Compose([T.Resize(int(input_size / eval_crop_pct(input_size)), interpolation=BICUBIC),
+                      T.CenterCrop(input_size)] + TO_TENSOR)

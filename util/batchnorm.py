@@ -1,9 +1,5 @@
-"""BatchNorm1d whose batch statistics span all ranks, for CPU / gloo runs (torch's SyncBatchNorm is CUDA-only).
-
-The LUT projector and predictor normalise [B, C] features per view; under DDP the statistics must cover the global
-batch, as torch.nn.SyncBatchNorm does on GPU. SyncBatchNorm1d keeps BatchNorm1d's state-dict keys, so checkpoints
-load into either.
-"""
+"""BatchNorm1d whose batch statistics span all ranks, for CPU / gloo runs (torch's SyncBatchNorm is CUDA-only): the
+LUT projector and predictor statistics must cover the global batch under DDP."""
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -11,12 +7,12 @@ from torch.distributed.nn.functional import all_reduce
 
 
 class SyncBatchNorm1d(nn.BatchNorm1d):
-    """nn.BatchNorm1d on [N, C] or [N, C, L] whose training-mode mean / var are those of the batch of all ranks.
+    """nn.BatchNorm1d on [N, C] or [N, C, L] whose training-mode mean / var are those of the batch of all ranks; the
+    state-dict keys are BatchNorm1d's, so checkpoints load into either.
 
-    With no process group (or one rank), in eval mode, or with running stats in eval, it is exactly nn.BatchNorm1d.
-    Gradients follow torch.nn.SyncBatchNorm (the differentiable all_reduce sums them over ranks in backward): the
-    input gradient on each rank is that of the sum of all ranks' losses, so parameters averaged by DDP get the
-    gradient of the mean loss, as one process with the global batch would.
+    With one rank, or when it uses running stats, it is exactly nn.BatchNorm1d. Gradients follow
+    torch.nn.SyncBatchNorm (the differentiable all_reduce sums them over ranks in backward): each rank's input
+    gradient is that of the sum of all ranks' losses, so DDP-averaged parameters get the gradient of the mean loss.
     """
 
     def forward(self, x):
@@ -28,8 +24,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         shape = [1, -1] + [1] * (x.dim() - 2)
         # Half-precision inputs are normalised in float32, like torch's batch norm kernels do.
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        local_count = xf.new_tensor([xf.numel() // xf.shape[1]])
-        sums = all_reduce(torch.cat([xf.sum(dims), local_count]))
+        sums = all_reduce(torch.cat([xf.sum(dims), xf.new_tensor([xf.numel() // xf.shape[1]])]))
         count = sums[-1]
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)} "
@@ -39,27 +34,21 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         # Two passes (mean, then squared deviations) avoid the cancellation of E[x^2] - E[x]^2.
         var = all_reduce((centered * centered).sum(dims)) / count
         if self.training and self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), count)
+            with torch.no_grad():  # nn.BatchNorm1d's update, with the unbiased variance of the global batch
+                self.num_batches_tracked.add_(1)
+                momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
+                self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), momentum)
         y = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean, var, count):
-        """Same update as nn.BatchNorm1d, with the unbiased variance of the global batch of `count` values."""
-        self.num_batches_tracked.add_(1)
-        momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-        self.running_var.lerp_((var * count / (count - 1)).to(self.running_var.dtype), momentum)
-
 
 def convert_sync_batchnorm(module, device):
-    """Replace every nn.BatchNorm1d in `module` by a cross-rank BatchNorm, keeping its parameters and buffers.
-
-    On CUDA this is torch.nn.SyncBatchNorm (which converts all BatchNorm layers); elsewhere SyncBatchNorm1d. The
-    parameter objects are reused, so an optimizer built before the conversion still updates them.
-    """
+    """Replace every nn.BatchNorm1d in `module` by a cross-rank BatchNorm: torch.nn.SyncBatchNorm on CUDA (which
+    converts all BatchNorm layers), else SyncBatchNorm1d. The parameter objects are reused, so an optimizer built
+    before the conversion still updates them."""
     if torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if type(module) is nn.BatchNorm1d:

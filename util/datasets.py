@@ -1,9 +1,5 @@
-"""Image lists, datasets and the resumable sampler.
-
-Pre-training reads unlabeled images; its augmentations are seeded per sample from (seed, epoch, index) by
-`ResumableDistributedSampler`, so a run gives the same batches whatever the number of workers or GPUs, and a resumed
-run continues mid-epoch exactly where it stopped. Fine-tuning and linear probing use labeled ImageFolder datasets.
-"""
+"""Image lists, datasets and the resumable sampler. Pre-training augmentations are seeded per sample from (seed,
+epoch, index): the batches do not depend on the number of workers or GPUs, and a resume continues mid-epoch."""
 import hashlib
 import math
 import multiprocessing
@@ -21,17 +17,13 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def is_image_file(path):
-    """True for files with an image extension (any case). Hidden files such as macOS `._x.jpg` are skipped."""
-    name = os.path.basename(path)
+    name = os.path.basename(path)  # hidden files such as macOS `._x.jpg` are skipped
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def find_images(root):
-    """Sorted image paths for pre-training (labels are ignored): those of root/train if it exists, else of root.
-
-    The images of a folder are those directly in it and those in its sub-folders, one level deep (class folders),
-    hidden files and folders (.thumbnails/, ._x.jpg) excepted.
-    """
+    """Sorted image paths of root/train if it exists, else of root: those directly in it and one level deep (class
+    folders), hidden files and folders excepted. Labels are ignored."""
     if not os.path.exists(root):
         raise FileNotFoundError(f"data path {root} does not exist")
     if not os.path.isdir(root):
@@ -45,13 +37,10 @@ def find_images(root):
 
 
 def load_image(path, draft_size=None):
-    """Decode an image file as an 8-bit RGB PIL image; an unreadable file raises OSError naming it.
-
-    16-bit greyscale (PNG, TIFF) is scaled to 8 bits, float greyscale (TIFF) in [0, 1] to 0..255; other float
-    ranges are refused, as there is no telling what they mean.
-    draft_size: let the JPEG decoder scale the image down by 1/2, 1/4 or 1/8 (in the DCT domain, while decoding)
-    as long as both sides stay >= draft_size. Several times faster for photos much larger than the crop, but the
-    pixels differ slightly from a full decode followed by a resize (other formats ignore it).
+    """8-bit RGB PIL image; an unreadable file raises OSError naming it. 16-bit greyscale is scaled to 8 bits, float
+    greyscale in [0, 1] to 0..255; other float ranges are refused, as there is no telling what they mean.
+    draft_size: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 (in the DCT domain) while both sides stay
+    >= draft_size: several times faster for large photos, the pixels differing slightly from a full decode + resize.
     """
     try:
         with Image.open(path) as img:
@@ -74,24 +63,20 @@ def load_image(path, draft_size=None):
 
 
 def check_images(paths, max_files=16):
-    """Fail early on unreadable images: decode all of `paths` if there are at most `max_files`, otherwise
-    `max_files` evenly spaced ones (first and last included)."""
-    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(max_files, len(paths))).round().astype(int))
-    for i in picks:
+    """Fail early on unreadable images: decode up to `max_files` evenly spaced ones, first and last included."""
+    for i in np.unique(np.linspace(0, len(paths) - 1, num=min(max_files, len(paths))).round().astype(int)):
         load_image(paths[i])
 
 
 class UnreadableImages:
-    """Images that cannot be read, met while loading: each is replaced by the next readable image of the
-    list (a choice that depends on nothing else, so a resumed run loads what the uninterrupted one did), with a
-    warning naming it, and counted in shared memory across the data-loading workers (see check_unreadable)."""
+    """Replaces an unreadable image by the next readable one of the list (a choice that depends on nothing else, so
+    a resumed run loads what the uninterrupted one did), warns, and counts it in memory shared by the workers."""
 
     def __init__(self, paths, draft_size=None):
         self.paths, self.draft_size = paths, draft_size
         self.count = multiprocessing.Value("q", 0)
 
-    def load(self, index):
-        """(image, index of the image loaded): `index`'s, or that of the first readable image after it."""
+    def load(self, index):  # -> (image, index of the image loaded)
         for k in range(len(self.paths)):
             i = (index + k) % len(self.paths)
             try:
@@ -104,8 +89,8 @@ class UnreadableImages:
 
 
 def check_unreadable(dataset, images, max_fraction):
-    """Unreadable images met by `dataset` (its `unreadable`) since the last call, summed over ranks; stops the run
-    when they are more than max_fraction of `images` (of all ranks). Every rank calls it."""
+    """Unreadable images met by `dataset` since the last call, summed over ranks (a collective); stops the run when
+    they are more than max_fraction of `images` (of all ranks)."""
     with dataset.unreadable.count.get_lock():
         count, dataset.unreadable.count.value = dataset.unreadable.count.value, 0
     count = int(all_reduce_sum(float(count)))
@@ -116,16 +101,11 @@ def check_unreadable(dataset, images, max_fraction):
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Unlabeled images whose augmentation is a pure function of a per-sample seed.
-
-    Keys are `(index, aug_seed)` tuples from `ResumableDistributedSampler`. Returns whatever `transform` returns for
-    the RGB image: a (view1, view2) tuple for `LUTTwoViews`, a tensor for `mae_transform`.
-    draft_size: reduced-scale JPEG decoding (see `load_image`; main_pretrain's --fast_decode), None = full decode.
-    """
+    """Unlabeled images keyed by `(index, aug_seed)` (ResumableDistributedSampler); returns `transform(image)`, whose
+    random draws are seeded by aug_seed. draft_size: see load_image (--fast_decode)."""
 
     def __init__(self, paths, transform, draft_size=None):
-        self.paths = list(paths)
-        self.transform = transform
+        self.paths, self.transform = list(paths), transform
         self.unreadable = UnreadableImages(self.paths, draft_size)
 
     def __len__(self):
@@ -148,30 +128,17 @@ def augmentation_seed(seed, epoch, index):
 
 
 class ResumableDistributedSampler(torch.utils.data.Sampler):
-    """torch's DistributedSampler index split, yielding `(index, aug_seed)` keys and able to resume mid-epoch.
-
-    The epoch permutation comes from `seed + epoch` and rank r takes `perm[r::num_replicas]`, exactly as
-    torch.utils.data.DistributedSampler; with `drop_last` the tail that does not divide evenly is dropped, otherwise
-    the list is padded by repeating its start. with_seeds=False yields plain indices (labelled ImageFolders, whose
-    timm augmentations are not seeded per sample).
-    """
+    """torch's DistributedSampler index split (permutation from seed + epoch, rank r takes perm[r::num_replicas],
+    the tail dropped or padded by repeating the start), able to resume mid-epoch and yielding `(index, aug_seed)`
+    keys; with_seeds=False yields plain indices (labelled ImageFolders, whose timm augmentations are not seeded)."""
 
     def __init__(self, dataset_len, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True, with_seeds=True):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
-        self.dataset_len = dataset_len
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.shuffle = shuffle
-        self.seed = seed
-        self.drop_last = drop_last
-        self.with_seeds = with_seeds
-        if drop_last:
-            self.num_samples = dataset_len // num_replicas
-        else:
-            self.num_samples = math.ceil(dataset_len / num_replicas)
-        self.epoch = 0
-        self.start = 0
+        self.dataset_len, self.num_replicas, self.rank = dataset_len, num_replicas, rank
+        self.shuffle, self.seed, self.with_seeds = shuffle, seed, with_seeds
+        self.num_samples = dataset_len // num_replicas if drop_last else math.ceil(dataset_len / num_replicas)
+        self.epoch = self.start = 0
 
     def set_epoch(self, epoch, start_iter=0, batch_size=None):
         """Select the epoch; `start_iter` batches of `batch_size` already consumed on this rank are skipped."""
@@ -180,30 +147,26 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         start = start_iter * (batch_size or 0)
         if start > self.num_samples:
             raise ValueError(f"cannot skip {start} samples: this rank has only {self.num_samples} per epoch")
-        self.epoch = epoch
-        self.start = start
+        self.epoch, self.start = epoch, start
 
     def __iter__(self):
         if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
             indices = torch.randperm(self.dataset_len, generator=g).tolist()
         else:
             indices = list(range(self.dataset_len))
         total = self.num_samples * self.num_replicas
         indices = (indices * math.ceil(total / len(indices)))[:total]
         mine = indices[self.rank:total:self.num_replicas][self.start:]
-        if not self.with_seeds:
-            return iter(mine)
-        return iter([(i, augmentation_seed(self.seed, self.epoch, i)) for i in mine])
+        return iter([(i, augmentation_seed(self.seed, self.epoch, i)) for i in mine] if self.with_seeds else mine)
 
     def __len__(self):
         return self.num_samples - self.start
 
 
 class LabelledImageFolder(ImageFolder):
-    """torchvision's ImageFolder whose unreadable images are replaced as in pre-training (UnreadableImages): a bad
-    file never crashes an epoch, nor every requeue at the same place."""
+    """ImageFolder whose unreadable images are replaced as in pre-training: a bad file never crashes an epoch, nor
+    every requeue at the same place."""
 
     def __init__(self, folder, transform):
         super().__init__(folder, transform=transform, loader=load_image, is_valid_file=is_image_file)
@@ -215,8 +178,7 @@ class LabelledImageFolder(ImageFolder):
 
 
 def build_imagefolder(root, split, transform):
-    """Labelled `root/<split>/<class>/<image>` dataset (LabelledImageFolder) for fine-tuning, linear probing and
-    k-NN."""
+    """Labelled `root/<split>/<class>/<image>` dataset for fine-tuning, linear probing and k-NN."""
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"data path {folder} does not exist (expected {root}/{split}/<class>/<images>)")
@@ -224,6 +186,6 @@ def build_imagefolder(root, split, transform):
 
 
 def rank_shard(dataset, rank, world_size):
-    """Items rank, rank + world_size, ... of `dataset`: every item in exactly one shard, none padded or repeated
-    (unlike DistributedSampler), so counts summed over ranks equal a single-process pass (evaluation)."""
+    """Items rank, rank + world_size, ... of `dataset`: none padded or repeated (unlike DistributedSampler), so
+    counts summed over ranks equal a single-process pass (evaluation)."""
     return torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))

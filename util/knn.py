@@ -1,12 +1,7 @@
 """Weighted k-NN classification on frozen, L2-normalised features, as DINO reports it (k = 20, temperature 0.07).
 
-Each validation image votes over its k most cosine-similar training images, each neighbour weighted by
-exp(similarity / temperature); the class with the largest vote wins. No training, so it tracks representation
-quality cheaply — during pre-training too (main_pretrain.py --knn_freq):
-
-    knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers)  # fails early
-    ...
-    stats.update(knn(student, device, args.amp))  # every rank calls it: {'knn_top1': %, 'knn_top5': %}
+Each validation image votes over its k most cosine-similar training images, each weighted by exp(similarity /
+temperature); the class with the largest vote wins. No training, so it tracks representation quality cheaply.
 """
 import torch
 import torch.distributed as dist
@@ -17,31 +12,20 @@ from util.datasets import build_imagefolder, rank_shard
 from util.dist import all_reduce_sum, autocast, get_rank, get_world_size
 
 
-def pool_tokens(tokens, pool):
-    """tokens: [B, 1 + L, D], CLS first, after the encoder's final norm -> [B, D]: the CLS token ('token') or the
-    mean of the patch tokens ('avg', LUT's global vector)."""
-    if pool == "token":
-        return tokens[:, 0]
-    if pool == "avg":
-        return tokens[:, 1:].mean(dim=1)
-    raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")
-
-
-def encoder_tokens(model):
-    """The function images [B, 3, H, W] -> tokens [B, 1 + L, D] of a pre-training model (forward_encoder) or of a
-    models_vit classifier built with its final norm (forward_features)."""
-    return model.forward_encoder if hasattr(model, "forward_encoder") else model.forward_features
-
-
 @torch.no_grad()
 def extract_features(model, loader, device, pool="token", amp="none"):
-    """L2-normalised features [N, D] (float32) and labels [N] of every (image, label) batch of `loader`."""
-    encode = encoder_tokens(model)
+    """L2-normalised features [N, D] (float32) and labels [N] of every (image, label) batch of `loader`: the CLS
+    token ('token') or the mean of the patch tokens ('avg', LUT's global vector) after the encoder's final norm."""
+    if pool not in ("token", "avg"):
+        raise ValueError(f"pool must be 'token' or 'avg', got {pool!r}")
+    # a pre-training model or a models_vit classifier built with its final norm: [B, 3, H, W] -> [B, 1 + L, D]
+    encode = model.forward_encoder if hasattr(model, "forward_encoder") else model.forward_features
     features, labels = [], []
     for images, targets in loader:
         with autocast(device, amp):
             tokens = encode(images.to(device, non_blocking=True))
-        features.append(F.normalize(pool_tokens(tokens, pool).float(), dim=-1))
+        pooled = tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(dim=1)
+        features.append(F.normalize(pooled.float(), dim=-1))
         labels.append(targets.to(device, non_blocking=True))
     return torch.cat(features), torch.cat(labels)
 
@@ -52,49 +36,39 @@ def gather_shards(x, total):
     world = get_world_size()
     if world == 1:
         return x
-    size = -(-total // world)
-    padded = x.new_zeros((size, *x.shape[1:]))
+    padded = x.new_zeros((-(-total // world), *x.shape[1:]))
     padded[:len(x)] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    out = x.new_empty((total, *x.shape[1:]))
-    for r, part in enumerate(parts):
-        out[r::world] = part[:len(range(r, total, world))]
-    return out
+    return torch.stack(parts, dim=1).flatten(0, 1)[:total]  # row s * W + r is row s of rank r
 
 
 @torch.no_grad()
 def knn_scores(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07, chunk_size=1024):
-    """Class votes [N_test, num_classes] of weighted k-NN.
+    """Class votes [N_test, num_classes]: each test row sums exp(cos / temperature) over its k nearest training rows.
 
-    train_features: [N_train, D], test_features: [N_test, D], both L2-normalised; train_labels: [N_train] (int).
-    Each test row sums exp(cos / temperature) over its k nearest training rows, per class. Test rows are processed
-    in chunks so the similarity matrix stays chunk_size x N_train.
+    train_features [N_train, D] and test_features [N_test, D] L2-normalised; train_labels [N_train]. Test rows go in
+    chunks so the similarity matrix stays chunk_size x N_train.
     """
     k = min(k, len(train_features))
     scores = []
     for chunk in test_features.split(chunk_size):
         sims, idx = (chunk @ train_features.T).topk(k, dim=1)
         votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
-        votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp())
-        scores.append(votes)
+        scores.append(votes.scatter_add_(1, train_labels[idx], (sims / temperature).exp()))
     return torch.cat(scores)
 
 
 def knn_hits(scores, labels):
     """Top-1 and top-5 hit counts (0-d tensors) of class scores [N, C] against labels [N]."""
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hits = top == labels[:, None]
+    hits = scores.topk(min(5, scores.shape[1]), dim=1).indices == labels[:, None]
     return hits[:, 0].sum(), hits.any(dim=1).sum()
 
 
 class KNNEvaluator:
-    """k-NN accuracy of a frozen encoder on `data_path/val`, with `data_path/train` as the labelled memory bank.
-
-    Both folders are ImageFolders with the same classes, read with the deterministic evaluation view
-    (util.augment.eval_transform). Under torch.distributed every rank extracts the features of its shard, the bank
-    is gathered on every rank and hit counts are summed: the result does not depend on the number of ranks.
-    """
+    """k-NN accuracy of a frozen encoder on the ImageFolder `data_path/val`, `data_path/train` being the memory bank,
+    both read with the evaluation view; missing folders fail at construction. Every rank extracts the features of its
+    shard, the bank is gathered on every rank and hit counts are summed: the result does not depend on the ranks."""
 
     def __init__(self, data_path, input_size, batch_size=256, num_workers=8, k=20, temperature=0.07, pool="token"):
         transform = eval_transform(input_size)
@@ -115,15 +89,12 @@ class KNNEvaluator:
               f"{self.num_classes} classes, k {k}, temperature {temperature}, {pool} features")
 
     def __call__(self, model, device, amp="none"):
-        """Accuracy (%) of `model` (a pre-training model or a models_vit classifier, unwrapped); every rank must
-        call it. The model is evaluated in eval mode and left in the mode it was in. Returns dict(knn_top1, knn_top5).
-        """
+        """dict(knn_top1, knn_top5) in % of `model` (unwrapped) in eval mode, then left in its mode; on every rank."""
         was_training = model.training
         model.eval()
-        train_loader, val_loader = self.loaders
-        bank, bank_labels = extract_features(model, train_loader, device, self.pool, amp)
+        bank, bank_labels = extract_features(model, self.loaders[0], device, self.pool, amp)
         bank, bank_labels = gather_shards(bank, len(self.train_set)), gather_shards(bank_labels, len(self.train_set))
-        features, labels = extract_features(model, val_loader, device, self.pool, amp)
+        features, labels = extract_features(model, self.loaders[1], device, self.pool, amp)
         model.train(was_training)
         scores = knn_scores(bank, bank_labels, features, self.num_classes, self.k, self.temperature)
         hits = all_reduce_sum(torch.stack(knn_hits(scores, labels)).double())

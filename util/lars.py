@@ -8,19 +8,14 @@ class LARS(torch.optim.Optimizer):
     For a parameter w with ndim > 1 and gradient g: u = g + weight_decay * w, then
     u <- u * trust_coefficient * ||w|| / ||u|| (left as is when either norm is 0). Biases and other 1-d parameters
     take the plain gradient with no decay and no rescaling. Then m <- momentum * m + u and w <- w - lr * m.
-    Honours group['lr'] set by util.lr_sched.adjust_learning_rate.
     """
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
 
     @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def step(self):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -33,10 +28,7 @@ class LARS(torch.optim.Optimizer):
                     ratio = torch.where((w_norm > 0) & (u_norm > 0),
                                         group["trust_coefficient"] * w_norm / u_norm, torch.ones_like(w_norm))
                     update = update * ratio
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(update)
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buf = self.state[p]["momentum_buffer"].mul_(group["momentum"]).add_(update)
                 p.add_(buf, alpha=-group["lr"])
-        return loss

@@ -1,5 +1,4 @@
-"""Training logs: a console MetricLogger that does not sync the GPU every step and stops on non-finite losses,
-TensorBoard, and a JSON-lines file."""
+"""Training logs: a console MetricLogger that does not sync the GPU every step and stops on non-finite losses."""
 import datetime
 import math
 import os
@@ -12,8 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 from util.dist import all_reduce_mean, is_main_process
 
 
-def max_memory_mb():
-    """Peak memory in MB: CUDA tensors allocated when CUDA is in use, else the process's peak resident set."""
+def max_memory_mb():  # peak CUDA tensor memory when CUDA is in use, else the process's peak resident set
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KB
@@ -27,34 +25,21 @@ class MetricLogger:
     """Averages scalars over iterations and prints one line every `print_freq` iterations (and at the last one).
 
     update(loss=t) adds device tensors without .item(), so the GPU is synchronised only when a line is printed; the
-    averages since the last line are then averaged over ranks, checked to be finite and, with a `log_writer`, written
-    to TensorBoard as `<tb_prefix><name>` against epoch_1000x (MAE's x-axis). set(lr=x) records a value shown and
-    logged as is (lr, momentum).
-
-        logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=20, epoch=epoch)
-        for batch in logger.log_every(loader, images_per_iter=batch_size * world_size):
-            ...
-            logger.update(loss=loss, mim=mim)
-            logger.set(lr=lr)
-        stats = logger.summary()  # {'loss': epoch mean over ranks, ..., 'lr': last}
-
-    A non-finite average raises NonFiniteLossError on every rank before anything else happens, so a diverged run
-    stops at the next print without writing a checkpoint.
-    totals: what totals() returned for the first part of an epoch (saved in a mid-epoch checkpoint), so that after a
-    resume the epoch means cover the whole epoch, not only the part after the resume.
+    window's means are then averaged over ranks, checked to be finite (else NonFiniteLossError on every rank, before
+    any checkpoint is written) and, with a `log_writer`, written to TensorBoard as `<tb_prefix><name>` against
+    epoch_1000x (MAE's x-axis). set(lr=x) records a value shown and logged as is. summary() gives the epoch means
+    over ranks and the last set() values. totals: what totals() returned for the first part of an epoch (mid-epoch
+    checkpoint), so that after a resume the epoch means cover the whole epoch.
     """
 
     def __init__(self, header="", print_freq=20, total_iters=None, totals=None, epoch=0, log_writer=None,
                  tb_prefix=""):
         self.header, self.print_freq, self.total_iters = header, print_freq, total_iters
         self.epoch, self.log_writer, self.tb_prefix = epoch, log_writer, tb_prefix
-        self._window = {}  # name -> sum of values since the last print (tensor or float)
-        self._window_count = {}
+        self._window, self._window_count = {}, {}  # name -> sum of values since the last print, and their count
         self._total = dict(totals["sum"]) if totals else {}  # name -> sum over flushed windows of mean * count
         self._total_count = dict(totals["count"]) if totals else {}
-        self._last_avg = {}
-        self._values = {}
-        self._iter = 0
+        self._last_avg, self._values, self._iter = {}, {}, 0
 
     def update(self, **values):
         """Add one observation per name: a 0-d tensor (any device, kept there) or a number."""
@@ -65,7 +50,6 @@ class MetricLogger:
             self._window_count[name] = self._window_count.get(name, 0) + 1
 
     def set(self, **values):
-        """Record current values that are shown, not averaged (e.g. lr)."""
         self._values.update({name: float(v) for name, v in values.items()})
 
     def _flush(self):
@@ -89,10 +73,7 @@ class MetricLogger:
             self._window[name], self._window_count[name] = 0.0, 0
 
     def summary(self):
-        """Means over everything logged so far (averaged over ranks), plus the last set() values.
-
-        A collective when distributed, like the printing in log_every: every rank must call it.
-        """
+        """Means over everything logged so far (over ranks: a collective), plus the last set() values."""
         self._flush()
         return {**{n: self._total[n] / self._total_count[n] for n in self._total}, **self._values}
 
@@ -106,9 +87,8 @@ class MetricLogger:
         the total is total_iters if given, else start_iter + len(iterable). images_per_iter (global) gives img/s."""
         total = self.total_iters or start_iter + len(iterable)
         width = len(str(total))
-        start = window_start = time.time()
+        start = window_start = end = time.time()
         data_time, window_iters, done = 0.0, 0, 0
-        end = time.time()
         for i, item in enumerate(iterable, start=start_iter):
             data_time += time.time() - end
             yield item

@@ -1,10 +1,9 @@
 """Stop cleanly on SLURM's time-limit / preemption signal: checkpoint at a step boundary, then requeue.
 
-SLURM (and submitit's `--signal`) sends SIGUSR2 some time before it kills a job. submitit's own handler would call
-the job's `checkpoint()` at once, from inside whatever the training step is doing. Instead, the handler here only
-records the signal; the training loop asks `requested(step)` after every optimizer step, all ranks agree on the
-step at which to stop, the loop saves a consistent checkpoint (mid-epoch, with the data position), and only then
-`requeue()` hands over to the handler that was installed before (submitit's, which requeues the job) or exits.
+submitit's own SIGUSR2 handler would call the job's `checkpoint()` at once, from inside whatever the training step is
+doing. The handler here only records the signal; the training loop asks `requested(step)` after every optimizer step,
+all ranks agree on the step at which to stop, the loop saves a consistent checkpoint (mid-epoch, with the data
+position), and only then `requeue()` hands over to the previous handler (submitit's, which requeues the job) or exits.
 """
 import signal
 import sys
@@ -16,12 +15,10 @@ from util.dist import all_reduce_sum, get_world_size
 
 class PreemptionHandler:
     def __init__(self, check_every=10, signum=signal.SIGUSR2):
-        """check_every: with several ranks, the flag is all-reduced every this many optimizer steps (a collective
-        per step would synchronise the GPU every step); a single process checks every step for free."""
-        self.signum = signum
-        self.check_every = check_every
-        self.received = False
-        self.stopping = False
+        # check_every: with several ranks the flag is all-reduced every this many optimizer steps (a collective per
+        # step would synchronise the GPU every step); a single process checks every step for free.
+        self.signum, self.check_every = signum, check_every
+        self.received = self.stopping = False
         self.previous = signal.signal(signum, self._record)
 
     def _record(self, signum, frame):
@@ -43,5 +40,4 @@ class PreemptionHandler:
         """After the checkpoint is written: let the previous handler requeue the job (submitit), or exit."""
         if callable(self.previous):
             self.previous(self.signum, None)  # submitit: requeues from rank 0 and exits there; returns elsewhere
-        # Exit 0 on the other ranks so srun does not kill rank 0 while it requeues.
-        sys.exit(0)
+        sys.exit(0)  # 0 on the other ranks, so that srun does not kill rank 0 while it requeues

@@ -1,13 +1,8 @@
 """Submit a training script to SLURM with submitit: one task per GPU, requeued after a time limit or preemption.
 
-submitit_pretrain.py, submitit_finetune.py and submitit_linprobe.py each call `submit(entry)` with their entry
-script's module name. The job runs `entry.main(args)` on every task, the rank layout coming from SLURM.
-
-Surviving the time limit and preemption: SLURM sends SIGUSR2 `--signal_delay_s` seconds before the time limit (and
-at preemption, or on `scancel --signal=USR2`). The three training scripts then stop at an optimizer step all ranks
-agree on (util/preemption.py), write output_dir/checkpoint-last.pth with the data position and hand over to
-submitit's handler, which calls Trainer.checkpoint() and requeues the job under the same job id. The requeued job
-runs the same arguments, so it auto-resumes from that file.
+SLURM sends SIGUSR2 `--signal_delay_s` seconds before the time limit (and at preemption): the training scripts write
+output_dir/checkpoint-last.pth (util/preemption.py), then submitit calls Trainer.checkpoint() and requeues the job
+under the same job id with the same arguments, so it auto-resumes from that file.
 """
 import argparse
 import copy
@@ -51,8 +46,7 @@ class Trainer:
     """The picklable job: `entry`.main(args) on one task. submitit calls checkpoint() on rank 0 at SIGUSR2."""
 
     def __init__(self, entry, args):
-        self.entry = entry
-        self.args = args
+        self.entry, self.args = entry, args
 
     def __call__(self):
         job_id = submitit.JobEnvironment().job_id
@@ -64,29 +58,22 @@ class Trainer:
         args.output_dir = args.output_dir.replace("%j", job_id)
         if args.log_dir:
             args.log_dir = args.log_dir.replace("%j", job_id)
-        importlib.import_module(self.entry).main(args)
-        # Nothing is returned: the results are in output_dir, and submitit would pickle the models.
+        importlib.import_module(self.entry).main(args)  # returns nothing: submitit would pickle the models
 
-    def checkpoint(self):
-        """Requeue the same job; the training state is already in output_dir/checkpoint-last.pth."""
+    def checkpoint(self):  # the training state is already in output_dir/checkpoint-last.pth
         return submitit.helpers.DelayedSubmission(Trainer(self.entry, self.args))
 
 
 def submit(entry, argv=None):
-    """Parse `entry`'s flags plus the SLURM flags from argv (default sys.argv), submit the job and print where its
-    logs and checkpoints go. Returns the submitit job."""
-    entry_parser = importlib.import_module(entry).get_args_parser()
-    cluster_parser = get_cluster_parser()
+    """Parse `entry`'s flags plus the SLURM flags from argv (default sys.argv) and submit `entry`.main(args)."""
+    entry_parser, cluster_parser = importlib.import_module(entry).get_args_parser(), get_cluster_parser()
     parser = argparse.ArgumentParser(description=f"{entry_parser.prog}, submitted to SLURM",
                                      parents=[entry_parser, cluster_parser])
     parser.set_defaults(device="cuda")  # for the compute nodes, whatever the machine that submits has
     args = parser.parse_args(argv)
-    cluster = argparse.Namespace(**{k: getattr(args, k) for k in vars(cluster_parser.parse_args([]))})
-    for key in vars(cluster):
-        delattr(args, key)
+    cluster = argparse.Namespace(**{k: vars(args).pop(k) for k in vars(cluster_parser.parse_args([]))})
     if not os.path.exists(args.data_path):
         raise SystemExit(f"--data_path {args.data_path} does not exist here (the compute nodes need the same path)")
-
     on_gpu = args.device.startswith("cuda")
     executor = submitit.SlurmExecutor(folder=cluster.job_dir or os.path.join(args.output_dir, "submitit"),
                                       max_num_timeout=cluster.max_num_timeout)
@@ -103,11 +90,9 @@ def submit(entry, argv=None):
             f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{cluster.cpus_per_task}}}",
         ])
     job = executor.submit(Trainer(entry, args))
-
-    tasks = cluster.nodes * cluster.ngpus
     print(f"Submitted job {job.job_id}: {entry}.py on {cluster.nodes} node(s) x {cluster.ngpus} "
-          f"{'GPUs' if on_gpu else 'CPU processes'} = {tasks} tasks, {cluster.timeout} min per run")
-    print(f"  log of task 0: {job.paths.stdout} (stderr: {job.paths.stderr.name}; "
-          f"task t: {job.job_id}_<t>_log.*)")
+          f"{'GPUs' if on_gpu else 'CPU processes'} = {cluster.nodes * cluster.ngpus} tasks, "
+          f"{cluster.timeout} min per run")
+    print(f"  log of task 0: {job.paths.stdout} (stderr: {job.paths.stderr.name}; task t: {job.job_id}_<t>_log.*)")
     print(f"  checkpoints:   {args.output_dir.replace('%j', job.job_id)}")
     return job
