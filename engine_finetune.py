@@ -7,6 +7,7 @@ import time
 import torch
 from timm.utils import accuracy
 
+from util.augment import eval_transform
 from util.checkpoint import load_training_state, save_epoch
 from util.datasets import ResumableDistributedSampler, build_imagefolder, check_images, check_unreadable, rank_shard
 from util.dist import all_reduce_sum, autocast, wrap_ddp
@@ -25,15 +26,12 @@ def add_data_args(parser):
                        help="evaluate on a shard of val/ per rank (exact: no image is repeated or dropped)")
 
 
-def check_data_args(args):
-    if args.eval and not args.resume:
-        raise SystemExit("--eval evaluates the checkpoint given with --resume PATH")
-
-
-def build_datasets(args, train_transform, val_transform):
-    """(train, val) ImageFolders of args.data_path (train None with --eval); checks and sets args.nb_classes."""
+def build_loaders(args, train_transform, device):
+    """(train, val) loaders of args.data_path's ImageFolders, train None with --eval; checks and sets nb_classes and
+    steps_per_epoch. Training: shuffled over ranks, resumable mid-epoch; val: the whole set on every rank, or this
+    rank's shard with --dist_eval."""
     try:
-        val = build_imagefolder(args.data_path, "val", val_transform)
+        val = build_imagefolder(args.data_path, "val", eval_transform(args.input_size))
         train = None if args.eval else build_imagefolder(args.data_path, "train", train_transform)
         if train is not None:
             check_images([path for path, _ in train.samples])
@@ -45,27 +43,21 @@ def build_datasets(args, train_transform, val_transform):
         raise SystemExit(f"--nb_classes {args.nb_classes}, but {args.data_path}/val has {len(val.classes)} classes")
     args.nb_classes = len(val.classes)
     print(f"{len(train) if train else 'no'} training and {len(val)} validation images, {args.nb_classes} classes")
-    return train, val
-
-
-def build_loaders(args, train_set, val_set, device):
-    """(train loader: shuffled over ranks, resumable mid-epoch, None without train_set; val loader: the whole set,
-    or this rank's shard with --dist_eval); sets args.steps_per_epoch."""
     pin = args.pin_mem and device.type == "cuda"
     if args.dist_eval and args.distributed:
-        val_set = rank_shard(val_set, args.rank, args.world_size)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=args.batch_size, num_workers=args.num_workers,
+        val = rank_shard(val, args.rank, args.world_size)
+    val_loader = torch.utils.data.DataLoader(val, batch_size=args.batch_size, num_workers=args.num_workers,
                                              pin_memory=pin)
-    if train_set is None:
+    if train is None:
         return None, val_loader
-    sampler = ResumableDistributedSampler(len(train_set), args.world_size, args.rank, shuffle=True, seed=args.seed,
+    sampler = ResumableDistributedSampler(len(train), args.world_size, args.rank, shuffle=True, seed=args.seed,
                                           with_seeds=False)
     train_loader = torch.utils.data.DataLoader(
-        train_set, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin,
+        train, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers, pin_memory=pin,
         drop_last=True, persistent_workers=args.num_workers > 0)
     args.steps_per_epoch = len(train_loader) // args.accum_iter
     if args.steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_set)} training images are fewer than one optimizer step "
+        raise SystemExit(f"{len(train)} training images are fewer than one optimizer step "
                          f"({args.batch_size} x {args.accum_iter} x {args.world_size} ranks)")
     return train_loader, val_loader
 

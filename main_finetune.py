@@ -20,8 +20,7 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
-from engine_finetune import add_data_args, build_datasets, build_loaders, check_data_args, evaluate, fit
-from util.augment import eval_transform
+from engine_finetune import add_data_args, build_loaders, evaluate, fit
 from util.checkpoint import find_resume_checkpoint
 from util.lr_sched import add_schedule_args, set_lr
 from util.pretrained import add_encoder_args, check_encoder_args, load_classifier, load_pretrained
@@ -77,7 +76,6 @@ def mixup_active(args):
 
 def check_args(args):
     """Fine-tuning's own checks; fills --lr_scale / --blr / --layer_decay from --recipe where not given."""
-    check_data_args(args)
     check_encoder_args(args)
     for name, value in RECIPES[args.recipe].items():
         if getattr(args, name) is None:
@@ -170,8 +168,7 @@ def main(args):
         return
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own augmentations; DDP copies rank 0's initial weights
-    train_set, val_set = build_datasets(args, train_transform(args), eval_transform(args.input_size))
-    train_loader, val_loader = build_loaders(args, train_set, val_set, device)
+    train_loader, val_loader = build_loaders(args, train_transform(args), device)
     print(json.dumps(vars(args), indent=1, default=str))
 
     ckpt_path = None if args.eval else find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)

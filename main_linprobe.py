@@ -17,8 +17,8 @@ import torch
 from timm.layers import trunc_normal_
 
 import models_vit
-from engine_finetune import add_data_args, build_datasets, build_loaders, check_data_args, evaluate, fit
-from util.augment import eval_transform, linprobe_transform
+from engine_finetune import add_data_args, build_loaders, evaluate, fit
+from util.augment import linprobe_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import find_resume_checkpoint
 from util.lars import LARS
@@ -68,14 +68,12 @@ def build_model(args, pretrained):
 def main(args):
     """Linear-probe (or with --eval only evaluate) as `args` describes."""
     device = start_run(args)
-    check_data_args(args)
     check_encoder_args(args)
     if not (args.eval or take_output_dir(args)):
         return
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own crops
-    train_set, val_set = build_datasets(args, linprobe_transform(args.input_size), eval_transform(args.input_size))
-    train_loader, val_loader = build_loaders(args, train_set, val_set, device)
+    train_loader, val_loader = build_loaders(args, linprobe_transform(args.input_size), device)
     print(json.dumps(vars(args), indent=1, default=str))
 
     ckpt_path = None if args.eval else find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)

@@ -38,6 +38,8 @@ def check_encoder_args(args):
     finetune, evaluating = getattr(args, "finetune", ""), getattr(args, "eval", False)
     if finetune and not os.path.isfile(finetune):
         raise SystemExit(f"--finetune checkpoint not found: {finetune}")
+    if evaluating and not args.resume:
+        raise SystemExit("--eval evaluates the checkpoint given with --resume PATH")
     path, key = (args.resume, "model") if evaluating else (finetune, args.checkpoint_key)
     saved, patch = {}, None
     if path:
