@@ -13,6 +13,7 @@ import json
 import os
 
 import models_vit
+from util.checkpoint import write_atomically
 from util.dist import destroy_distributed, is_main_process
 from util.knn import KNNEvaluator
 from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
@@ -53,10 +54,10 @@ def main(args):
     stats = knn(model.to(device), device, args.amp)
     if args.output_dir and is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "knn.json"), "w") as f:
-            json.dump({**stats, "finetune": args.finetune, "checkpoint_key": args.checkpoint_key, "k": args.nb_knn,
-                       "temperature": args.temperature, "pool": "avg" if args.lut_global else "token",
-                       "input_size": args.input_size, "patch_size": args.patch_size}, f)
+        text = json.dumps({**stats, "finetune": args.finetune, "checkpoint_key": args.checkpoint_key, "k": args.nb_knn,
+                           "temperature": args.temperature, "pool": "avg" if args.lut_global else "token",
+                           "input_size": args.input_size, "patch_size": args.patch_size})
+        write_atomically(os.path.join(args.output_dir, "knn.json"), lambda f: f.write(text.encode()))
     destroy_distributed()
     return stats
 
