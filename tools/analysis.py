@@ -1,17 +1,16 @@
-"""Shared helpers of the analysis and export tools: pre-training models from any checkpoint, evaluation images,
-attention weights and distances, feature spectra, reconstructions, and the JSON, PNG and TensorBoard output.
-Plots need matplotlib (optional, imported only where a figure is drawn); every number and JSON file needs only torch.
-"""
+"""Shared helpers of the analysis and export tools. Plots need matplotlib (optional); numbers and JSON only torch."""
+import argparse
 import contextlib
+import importlib.util
 import json
 import os
-import re
 import sys
 
 import numpy as np
 import torch
 import torchvision
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.tensorboard import SummaryWriter
 
 # The tools run as scripts from anywhere and import this module first: put the repository root on the path for them.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,14 +25,15 @@ HEAD_PREFIXES = ("head.", "predictor.")
 DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
-def add_checkpoint_args(parser, many_checkpoints):
-    """--checkpoint (or --checkpoints and --labels), --checkpoint_key and --model."""
+def tool_parser(doc, many_checkpoints, num_images=None, no_plot=False):
+    """--checkpoint (or --checkpoints and --labels), --checkpoint_key and --model; with num_images, also the images,
+    device and output arguments every analysis tool shares."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     weights = "'model' (student) or 'model_ema' (teacher)"
     if many_checkpoints:
         parser.add_argument("--checkpoints", nargs="+", required=True, metavar="PATH",
                             help="pre-training checkpoints (ours, the LUT authors' or MAE's), drawn on one plot")
-        parser.add_argument("--labels", nargs="+", default=None,
-                            help="legend / JSON name of each checkpoint (default: folder/file name)")
+        parser.add_argument("--labels", nargs="+", help="legend / JSON name of each checkpoint (default: folder/file)")
         parser.add_argument("--checkpoint_key", nargs="+", default=["model"], choices=["model", "model_ema"],
                             help=weights + ": one for all or one per checkpoint")
     else:
@@ -42,11 +42,8 @@ def add_checkpoint_args(parser, many_checkpoints):
         parser.add_argument("--checkpoint_key", default="model", choices=["model", "model_ema"], help=weights)
     parser.add_argument("--model", default=None, choices=sorted(models_lut.MODELS),
                         help="architecture, when the checkpoint's args name no known one (sizes come from the weights)")
-
-
-def add_common_args(parser, many_checkpoints, num_images):
-    """Arguments every analysis tool shares: checkpoint(s), which weights, images, device, output folders."""
-    add_checkpoint_args(parser, many_checkpoints)
+    if num_images is None:
+        return parser
     parser.add_argument("--data_path", required=True,
                         help="images: an ImageFolder root (root/train/<class>/*, root/<class>/*) or a flat folder")
     parser.add_argument("--num_images", type=int, default=num_images,
@@ -55,81 +52,76 @@ def add_common_args(parser, many_checkpoints, num_images):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output_dir", default="./analysis", help="where the JSON / PNG files go")
     parser.add_argument("--log_dir", default=None, help="also log the figures to TensorBoard here")
+    if no_plot:
+        parser.add_argument("--no_plot", action="store_true", help="write the JSON only (no matplotlib needed)")
+    return parser
 
 
-def check_common_args(args, needs_matplotlib):
-    """Fail before loading anything: missing checkpoints, inconsistent per-checkpoint lists, missing plot library."""
+def image_paths(args, needs_matplotlib=False):
+    """Check the shared arguments before loading anything, then pick --num_images paths evenly spaced over the sorted
+    files of --data_path (so every class is represented)."""
     many = hasattr(args, "checkpoints")
     for path in args.checkpoints if many else [args.checkpoint]:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-    if many and len(args.checkpoint_key) not in (1, len(args.checkpoints)):
-        raise ValueError(f"give one --checkpoint_key or one per checkpoint ({len(args.checkpoints)}), "
-                         f"got {len(args.checkpoint_key)}")
-    if many and args.labels is not None and len(args.labels) != len(args.checkpoints):
-        raise ValueError(f"give one label per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
+            raise SystemExit(f"checkpoint not found: {path}")
+    if many and (len(args.checkpoint_key) not in (1, len(args.checkpoints))
+                 or len(args.labels or args.checkpoints) != len(args.checkpoints)):
+        raise SystemExit(f"{len(args.checkpoints)} checkpoints need as many --labels (or none) and as many "
+                         "--checkpoint_key values (or one)")
     if args.num_images < 1 or args.batch_size < 1:
-        raise ValueError("--num_images and --batch_size must be positive")
-    if needs_matplotlib:
-        require_matplotlib()
+        raise SystemExit("--num_images and --batch_size must be positive")
+    if needs_matplotlib and importlib.util.find_spec("matplotlib") is None:
+        raise SystemExit("plots need matplotlib, an optional dependency: pip install matplotlib "
+                         "(it is in requirements-dev.txt), or pass --no_plot to write the JSON only")
+    paths = find_images(args.data_path)
+    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(args.num_images, len(paths))).round().astype(int))
+    return [paths[i] for i in picks]
 
 
-def checkpoint_runs(args):
-    """[(label, path, checkpoint_key)] from --checkpoints, --labels and --checkpoint_key."""
+def checkpoint_models(args):
+    """Yield (label, path, checkpoint_key, model on args.device, info) for each of --checkpoints, one at a time."""
     keys = args.checkpoint_key * len(args.checkpoints) if len(args.checkpoint_key) == 1 else args.checkpoint_key
-    labels = args.labels or [default_label(p, k) for p, k in zip(args.checkpoints, keys)]
+    labels = args.labels or [
+        os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), os.path.splitext(os.path.basename(p))[0])
+        + (" (teacher)" if key == "model_ema" else "") for p, key in zip(args.checkpoints, keys)]
     if len(set(labels)) != len(labels):
         raise ValueError(f"checkpoint labels {labels} are not unique; name them with --labels")
-    return list(zip(labels, args.checkpoints, keys))
-
-
-def default_label(path, checkpoint_key):
-    name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
-                        os.path.splitext(os.path.basename(path))[0])
-    return name + (" (teacher)" if checkpoint_key == "model_ema" else "")
-
-
-def architecture(state):
-    """Constructor arguments that the weights determine: image and patch size, widths, depths, MLP ratio."""
-    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
-        raise ValueError("weights have no patch_embed.proj.weight / pos_embed: not a ViT pre-training checkpoint")
-    embed_dim, in_chans, patch_size, _ = state["patch_embed.proj.weight"].shape
-    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
-    arch = dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                depth=_count_blocks(state, "blocks"), mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim)
-    if "decoder_embed.weight" in state:
-        arch.update(decoder_embed_dim=state["decoder_embed.weight"].shape[0],
-                    decoder_depth=_count_blocks(state, "decoder_blocks"))
-    return arch
-
-
-def _count_blocks(state, prefix):
-    return 1 + max(int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k)))
-
-
-def build_model(state, model_name):
-    """Pre-training model for `state`: the named factory if it is one of ours, else (MAE's files name none, the
-    authors' `*_dec512d8b` aliases) MaskedAutoencoderViT with the 64-d encoder and 32-d decoder heads of all published
-    MAE / LUT models; the weights fix every other size."""
-    arch = architecture(state)
-    if model_name in models_lut.MODELS:
-        return models_lut.MODELS[model_name](**arch), model_name
-    model = models_lut.MaskedAutoencoderViT(**arch, num_heads=arch["embed_dim"] // 64,
-                                            decoder_num_heads=arch.get("decoder_embed_dim", 512) // 32)
-    return model, f"MaskedAutoencoderViT ({model.blocks[0].attn.num_heads} heads, inferred)"
+    for label, path, key in zip(labels, args.checkpoints, keys):
+        model, info = load_model(path, key, args.model)
+        print(f"{label}: {info['name']} from {path} [{key}]")
+        yield label, path, key, model.to(args.device), info
 
 
 def load_model(path, checkpoint_key="model", model_name=None):
-    """Pre-training model in eval mode, on the CPU, with the student ('model') or teacher ('model_ema') weights of
-    our, the LUT authors' or MAE's checkpoints; no projector / predictor, and no decoder where the file has none.
-    Returns (model, dict(name, norm_pix_loss (None if the checkpoint does not say), has_decoder))."""
+    """(eval-mode CPU model, dict(name, norm_pix_loss or None, has_decoder)) of the student ('model') or teacher
+    ('model_ema') of our, the LUT authors' or MAE's checkpoints, without projector / predictor. The weights fix every
+    size but the heads: those of `model_name` or the checkpoint's, else (MAE's files name none, the authors'
+    `*_dec512d8b` aliases) the 64-d encoder and 32-d decoder heads of all published MAE / LUT models."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"checkpoint not found: {path}")
     ckpt = load_checkpoint(path)
     if checkpoint_key in ckpt and ckpt[checkpoint_key] is None:
         raise ValueError(f"{path} has no {checkpoint_key!r} weights (MAE checkpoints have no teacher)")
     train_args = saved_args(ckpt)
     state = {k: v for k, v in normalize_pretrained(ckpt, checkpoint_key).items() if not k.startswith(HEAD_PREFIXES)}
-    model, name = build_model(state, model_name or train_args.get("model"))
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise ValueError(f"{path} has no patch_embed.proj.weight / pos_embed: not a ViT pre-training checkpoint")
+    embed_dim, in_chans, patch_size, _ = state["patch_embed.proj.weight"].shape
+    grid = round((state["pos_embed"].shape[1] - 1) ** 0.5)
+    arch = dict(img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+                mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim)
     has_decoder = "decoder_embed.weight" in state
+    if has_decoder:
+        arch.update(decoder_embed_dim=state["decoder_embed.weight"].shape[0],
+                    decoder_depth=len({k.split(".")[1] for k in state if k.startswith("decoder_blocks.")}))
+    name = model_name or train_args.get("model")
+    if name in models_lut.MODELS:
+        model = models_lut.MODELS[name](**arch)
+    else:
+        model = models_lut.MaskedAutoencoderViT(**arch, num_heads=embed_dim // 64,
+                                                decoder_num_heads=arch.get("decoder_embed_dim", 512) // 32)
+        name = f"MaskedAutoencoderViT ({model.blocks[0].attn.num_heads} heads, inferred)"
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(HEAD_PREFIXES)
                and (has_decoder or not k.startswith(DECODER_PREFIXES))]
@@ -138,18 +130,11 @@ def load_model(path, checkpoint_key="model", model_name=None):
     return model.eval(), dict(name=name, norm_pix_loss=train_args.get("norm_pix_loss"), has_decoder=has_decoder)
 
 
-def pick_images(data_path, num_images):
-    """`num_images` image paths evenly spaced over the sorted files of `data_path` (so every class is represented)."""
-    paths = find_images(data_path)
-    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(num_images, len(paths))).round().astype(int))
-    return [paths[i] for i in picks]
-
-
-def image_batches(paths, input_size, batch_size):
-    """Yield the evaluation views (resize, centre crop, ImageNet normalisation) of `paths` as [b, 3, S, S] batches."""
-    transform = eval_transform(input_size)
-    for i in range(0, len(paths), batch_size):
-        yield torch.stack([transform(load_image(p)) for p in paths[i:i + batch_size]])
+def image_batches(paths, model, args):
+    """Evaluation views (resize, centre crop, ImageNet mean / std) of `paths`, [b, 3, S, S] batches on args.device."""
+    transform = eval_transform(model.patch_embed.img_size[0])
+    for i in range(0, len(paths), args.batch_size):
+        yield torch.stack([transform(load_image(p)) for p in paths[i:i + args.batch_size]]).to(args.device)
 
 
 def denormalize(imgs):
@@ -170,11 +155,9 @@ def block_inputs(model, imgs):
     """Encoder on all patches of imgs [B, 3, H, W]; returns the input of every block, `depth` tensors [B, 1 + L, D]."""
     inputs = []
     hooks = [blk.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for blk in model.blocks]
-    try:
-        model.forward_encoder(imgs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    model.forward_encoder(imgs)
+    for hook in hooks:
+        hook.remove()
     return inputs
 
 
@@ -184,46 +167,26 @@ def attention_weights(block, x):
     recomputed from the qkv projection of norm1(x) because timm's fused attention never materialises them."""
     attn = block.attn
     B, N, _ = x.shape
-    qkv = attn.qkv(block.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, _ = qkv.unbind(0)
+    q, k, _ = attn.qkv(block.norm1(x)).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k = attn.q_norm(q), attn.k_norm(k)
     return ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
-def patch_distances(grid_size, patch_size):
-    """[L, L] Euclidean distances in pixels between the centres of the patches of an (h, w) grid (row-major order)."""
-    h, w = grid_size
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    centres = torch.stack([ys.flatten(), xs.flatten()], dim=1).double() * patch_size
-    return (centres[:, None, :] - centres[None, :, :]).norm(dim=-1)
-
-
 def mean_attention_distance(attn, grid_size, patch_size, renormalize=True):
-    """Mean attention distance in pixels per image and head: attn [B, heads, 1 + L, 1 + L] -> [B, heads].
-
-    Per query patch the attention-weighted distance to every key patch, averaged over the query patches; CLS is left
-    out as query and key. `renormalize` rescales each query's patch weights to sum to 1 (a weighted mean over
-    positions); without it attention to CLS counts as distance 0, as in the notebooks after Raghu et al. (2021).
-    """
+    """attn [B, heads, 1 + L, 1 + L] -> [B, heads] pixels, CLS left out as query and key (docs/tools.md). Without
+    `renormalize`, attention to CLS counts as distance 0, as in the notebooks after Raghu et al. (2021)."""
     a = attn[:, :, 1:, 1:].double()
     if renormalize:
         a = a / a.sum(dim=-1, keepdim=True)
-    distances = patch_distances(grid_size, patch_size).to(a.device)
+    centres = torch.cartesian_prod(*(torch.arange(n) for n in grid_size)).double() * patch_size  # [L, 2] row-major
+    distances = (centres[:, None, :] - centres[None, :, :]).norm(dim=-1).to(a.device)  # [L, L] pixels
     return (a * distances).sum(dim=-1).mean(dim=-1)
 
 
-def heatmap(values, size):
-    """One query's attention over the patch grid, values [h, w] -> RGB [3, size, size] in [0, 1]: scaled by its
-    maximum, coloured black-red-yellow-white like matplotlib's 'hot' (without it), the patches kept visible."""
-    t = values / values.max()
-    t = torch.nn.functional.interpolate(t[None, None], size=size, mode="nearest")[0, 0]
-    return torch.stack([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)])
-
-
 class FeatureSpectrum:
-    """Singular values of a stack of feature rows, accumulated batch by batch in a D x D Gram matrix X^T X (float64),
-    so any number of token features fits: those of X are the square roots of its eigenvalues, those of the centred X
-    (rows minus their mean m) of X^T X - n m m^T."""
+    """Singular values of a stack of feature rows [n, D], accumulated batch by batch in a D x D Gram matrix X^T X
+    (float64), so any number of token features fits: those of X are the square roots of its eigenvalues, those of the
+    centred X (rows minus their mean m) of X^T X - n m m^T."""
 
     def __init__(self, dim):
         self.count = 0
@@ -231,14 +194,13 @@ class FeatureSpectrum:
         self.gram = torch.zeros(dim, dim, dtype=torch.float64)
 
     def update(self, features):
-        """features: [n, D]."""
         x = features.detach().to("cpu", torch.float64)
         self.count += x.shape[0]
         self.sum += x.sum(dim=0)
         self.gram += x.T @ x
 
     def singular_values(self, center=True):
-        """Descending singular values, min(n, D) of them, of the stacked rows (centred with `center`)."""
+        """Descending, min(n, D) of them."""
         gram = self.gram
         if center:
             mean = self.sum / self.count
@@ -254,17 +216,13 @@ def effective_rank(singular_values):
 
 
 def predicted_pixels(model, imgs, pred, norm_pix_loss):
-    """Decoder output pred [B, L, p*p*3] as patches in the (ImageNet-normalised) space of imgs [B, 3, H, W].
-
-    A norm-pix prediction gets the mean and std of the original patch back, as in the usual MAE visualisations: the
-    colour of a masked patch is borrowed, its structure predicted.
-    """
+    """Decoder output pred [B, L, p*p*3] as patches in the (ImageNet-normalised) space of imgs [B, 3, H, W]; a norm-pix
+    prediction gets the mean and std of the original patch back, as in the usual MAE visualisations."""
     if not norm_pix_loss:
         return pred
     target = model.patchify(imgs)
-    mean = target.mean(dim=-1, keepdim=True)
     var = target.var(dim=-1, keepdim=True)  # unbiased, as in forward_loss
-    return pred * (var + 1.0e-6) ** 0.5 + mean
+    return pred * (var + 1.0e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
 
 
 def reconstruction_rows(model, imgs, pred, mask, norm_pix_loss):
@@ -274,38 +232,17 @@ def reconstruction_rows(model, imgs, pred, mask, norm_pix_loss):
     pixel_mask = model.unpatchify(mask.unsqueeze(-1).expand(-1, -1, pred.shape[-1]).to(imgs.dtype))
     # Removed patches are shown as 0 in normalised space, i.e. the ImageNet mean colour (grey), as MAE's demo does.
     masked = imgs * (1 - pixel_mask)
-    pasted = imgs * (1 - pixel_mask) + recon * pixel_mask
-    rows = torch.stack([imgs, masked, recon, pasted], dim=1)
+    rows = torch.stack([imgs, masked, recon, masked + recon * pixel_mask], dim=1)
     return denormalize(rows.flatten(0, 1))
 
 
-def require_matplotlib():
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise SystemExit("plots need matplotlib, an optional dependency: pip install matplotlib "
-                         "(it is in requirements-dev.txt), or pass --no_plot to write the JSON only") from None
-    return Figure
-
-
 def summary_writer(log_dir):
-    """TensorBoard SummaryWriter for `log_dir` to use in a `with` block; without a log_dir the block gets None."""
-    if not log_dir:
-        return contextlib.nullcontext()
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(log_dir)
+    """TensorBoard SummaryWriter for a `with` block; without a log_dir the block gets None."""
+    return SummaryWriter(log_dir) if log_dir else contextlib.nullcontext()
 
 
-def save_figure(fig, path, writer=None, tag=None):
-    """Write a matplotlib figure as PNG and, with a TensorBoard `writer`, log it under `tag`."""
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    if writer is not None:
-        writer.add_figure(tag, fig)
-    print(f"wrote {path}")
-
-
-def save_images(images, path, nrow, writer=None, tag=None):
-    """Write images [N, 3, H, W] in [0, 1] as one grid PNG, `nrow` images per row; log it to a TensorBoard `writer`."""
+def save_images(images, path, nrow, writer, tag):
+    """Write images [N, 3, H, W] in [0, 1] as one grid PNG, `nrow` images per row."""
     grid = torchvision.utils.make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
     torchvision.utils.save_image(grid, path)
     if writer is not None:
@@ -316,21 +253,19 @@ def save_images(images, path, nrow, writer=None, tag=None):
 def analyse_checkpoints(args, name, measure, plot):
     """For each checkpoint of --checkpoints, the fields measure(model, image paths, args) returns; written to
     OUTPUT_DIR/<name>.json as {label: {checkpoint, checkpoint_key, model, num_images, **fields}} and, unless
-    --no_plot, drawn by plot(results, OUTPUT_DIR/<name>.png, TensorBoard writer or None)."""
-    check_common_args(args, needs_matplotlib=not args.no_plot)
-    paths = pick_images(args.data_path, args.num_images)
-    runs = checkpoint_runs(args)
+    --no_plot, drawn by plot(results) -> matplotlib figure, OUTPUT_DIR/<name>.png."""
+    paths = image_paths(args, needs_matplotlib=not args.no_plot)
     os.makedirs(args.output_dir, exist_ok=True)
-    results = {}
-    for label, path, key in runs:
-        model, info = load_model(path, key, args.model)
-        print(f"{label}: {info['name']} from {path} [{key}], {len(paths)} images")
-        results[label] = dict(checkpoint=path, checkpoint_key=key, model=info["name"], num_images=len(paths),
-                              **measure(model.to(args.device), paths, args))
-    json_path = os.path.join(args.output_dir, f"{name}.json")
-    with open(json_path, "w") as f:
+    results = {label: dict(checkpoint=path, checkpoint_key=key, model=info["name"], num_images=len(paths),
+                           **measure(model, paths, args)) for label, path, key, model, info in checkpoint_models(args)}
+    path = os.path.join(args.output_dir, f"{name}.json")
+    with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"wrote {json_path}")
+    print(f"wrote {path}")
     if not args.no_plot:
-        with summary_writer(args.log_dir) as writer:
-            plot(results, os.path.join(args.output_dir, f"{name}.png"), writer)
+        fig, path = plot(results), os.path.join(args.output_dir, f"{name}.png")
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+        if args.log_dir:
+            with SummaryWriter(args.log_dir) as writer:
+                writer.add_figure(name, fig)
+        print(f"wrote {path}")

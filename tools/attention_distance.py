@@ -3,39 +3,32 @@
     python tools/attention_distance.py --checkpoints mae.pth lut.pth --labels MAE LUT \
         --data_path /datasets/imagenet/val --num_images 1000 --output_dir analysis
 
-Every image is encoded with all patches visible; per layer and head, the attention-weighted pixel distance between
-patch centres is averaged over query patches and images (analysis.mean_attention_distance; docs/tools.md).
-Writes OUTPUT_DIR/attention_distance.json ({label: {per_layer: [depth], per_head: [depth][heads], ...}}) and
-OUTPUT_DIR/attention_distance.png (one dot per head, a line through the head means, one colour per checkpoint).
+Writes OUTPUT_DIR/attention_distance.json ({label: {per_layer: [depth], per_head: [depth][heads], ...}}, pixels) and
+OUTPUT_DIR/attention_distance.png (one dot per head, a line through the head means). Definition: docs/tools.md.
 """
-import argparse
-
 import numpy as np
 import torch
 
-from analysis import (add_common_args, analyse_checkpoints, attention_weights, block_inputs, image_batches,
-                      mean_attention_distance, require_matplotlib, save_figure)
+from analysis import (analyse_checkpoints, attention_weights, block_inputs, image_batches, mean_attention_distance,
+                      tool_parser)
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, many_checkpoints=True, num_images=256)
+    parser = tool_parser(__doc__, many_checkpoints=True, num_images=256, no_plot=True)
     parser.add_argument("--no_renormalize", action="store_true",
                         help="keep the raw weights after dropping CLS, which counts attention to CLS as distance 0 "
                              "(the notebooks after Raghu et al. 2021)")
-    parser.add_argument("--no_plot", action="store_true", help="write the JSON only (no matplotlib needed)")
     return parser
 
 
 @torch.no_grad()
 def attention_distances(model, paths, args):
-    """The JSON fields of one model: mean attention distance in pixels per layer and per head, over the images."""
     grid, patch = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
     renormalize = not args.no_renormalize
     total = 0.0
-    for imgs in image_batches(paths, model.patch_embed.img_size[0], args.batch_size):
+    for imgs in image_batches(paths, model, args):
         per_block = [mean_attention_distance(attention_weights(blk, x), grid, patch, renormalize).sum(dim=0)
-                     for blk, x in zip(model.blocks, block_inputs(model, imgs.to(args.device)))]
+                     for blk, x in zip(model.blocks, block_inputs(model, imgs))]
         total = total + torch.stack(per_block).cpu()
     distances = total / len(paths)  # [depth, heads]
     per_layer = distances.mean(dim=1).tolist()
@@ -44,21 +37,18 @@ def attention_distances(model, paths, args):
                 per_layer=per_layer, per_head=distances.tolist())
 
 
-def plot(results, path, writer=None):
-    Figure = require_matplotlib()
-    fig = Figure(figsize=(6, 4))
-    ax = fig.subplots()
+def plot(results):
+    from matplotlib.figure import Figure
+    ax = Figure(figsize=(6, 4)).subplots()
     for i, (label, result) in enumerate(results.items()):
         per_head = np.array(result["per_head"])
         layers = np.arange(1, per_head.shape[0] + 1)
         ax.scatter(np.repeat(layers, per_head.shape[1]), per_head.flatten(), s=10, color=f"C{i}", alpha=0.4)
         ax.plot(layers, per_head.mean(axis=1), color=f"C{i}", marker="o", label=label)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("mean attention distance (pixels)")
-    ax.set_xticks(layers)
+    ax.set(xlabel="layer", ylabel="mean attention distance (pixels)", xticks=layers)
     ax.grid(alpha=0.3)
     ax.legend()
-    save_figure(fig, path, writer, "attention_distance")
+    return ax.figure
 
 
 def main(args):

@@ -12,11 +12,8 @@ import os
 
 import torch
 
-from analysis import (add_common_args, attention_weights, block_inputs, check_common_args, checkpoint_runs,
-                      denormalize, enlarge, heatmap, image_batches, load_model, pick_images, save_images,
-                      summary_writer)
-
-QUERY_FRAME = (0.0, 1.0, 1.0)  # cyan: visible on the map colours and on most photos
+from analysis import (attention_weights, block_inputs, checkpoint_models, denormalize, enlarge, image_batches,
+                      image_paths, save_images, summary_writer, tool_parser)
 
 
 def parse_query(text):
@@ -30,8 +27,7 @@ def parse_query(text):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, many_checkpoints=True, num_images=4)
+    parser = tool_parser(__doc__, many_checkpoints=True, num_images=4)
     parser.add_argument("--queries", nargs="+", type=parse_query, default=[(0.5, 0.5)], metavar="Y,X",
                         help="query positions as fractions of height and width (default 0.5,0.5)")
     parser.add_argument("--layer", type=int, default=-1,
@@ -40,11 +36,11 @@ def get_args_parser():
 
 
 def framed(img, row, col, patch):
-    """RGB img [3, H, W] with a frame drawn around patch (row, col)."""
+    """RGB img [3, H, W] with a cyan frame (visible on the map colours and most photos) around patch (row, col)."""
     img, width = img.clone(), max(1, patch // 8)
     box = img[:, row * patch:(row + 1) * patch, col * patch:(col + 1) * patch]
     inside = box[:, width:-width, width:-width].clone()
-    box[:] = img.new_tensor(QUERY_FRAME).view(3, 1, 1)
+    box[:] = img.new_tensor((0.0, 1.0, 1.0)).view(3, 1, 1)
     box[:, width:-width, width:-width] = inside
     return img
 
@@ -53,43 +49,38 @@ def framed(img, row, col, patch):
 def attention_tiles(model, imgs, queries, layer):
     """imgs [B, 3, S, S] -> per image, per query, [framed image, head mean, head 1, ..., head H], RGB [3, S, S]."""
     grid, patch = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
-    x = block_inputs(model, imgs)[layer]
-    attn = attention_weights(model.blocks[layer], x)[:, :, 1:, 1:].cpu()  # [B, H, L, L], CLS left out
+    attn = attention_weights(model.blocks[layer], block_inputs(model, imgs)[layer])[:, :, 1:, 1:].cpu()  # [B, H, L, L]
     rgb = denormalize(imgs.cpu())
     tiles = []
     for b in range(imgs.shape[0]):
         rows = []
         for query in queries:
             r, c = (min(int(q * n), n - 1) for q, n in zip(query, grid))  # the patch under the query
-            maps = attn[b, :, r * grid[1] + c].reshape(-1, *grid)  # [H, h, w]
+            maps = attn[b, :, r * grid[1] + c].reshape(-1, 1, *grid)  # [H, 1, h, w]
             maps = torch.cat([maps.mean(dim=0, keepdim=True), maps])
-            overlays = [0.35 * rgb[b] + 0.65 * heatmap(m, rgb.shape[-2:]) for m in maps]
-            rows.append([framed(rgb[b], r, c, patch)] + overlays)
+            # Each map scaled to its maximum, coloured black-red-yellow-white like matplotlib's 'hot', over the image.
+            t = torch.nn.functional.interpolate(maps / maps.amax(dim=(2, 3), keepdim=True), size=rgb.shape[-2:])
+            heat = torch.cat([(3 * t).clamp(0, 1), (3 * t - 1).clamp(0, 1), (3 * t - 2).clamp(0, 1)], dim=1)
+            rows.append([framed(rgb[b], r, c, patch), *(0.35 * rgb[b] + 0.65 * heat)])
         tiles.append(rows)
     return tiles
 
 
 def main(args):
-    check_common_args(args, needs_matplotlib=False)
-    paths = pick_images(args.data_path, args.num_images)
-    runs = checkpoint_runs(args)
-    per_run = []
-    for label, path, key in runs:
-        model, info = load_model(path, key, args.model)
+    paths = image_paths(args)
+    per_run, labels = [], []
+    for label, _, _, model, _ in checkpoint_models(args):
         if not -len(model.blocks) <= args.layer < len(model.blocks):
             raise ValueError(f"--layer {args.layer} is out of range for {label}'s {len(model.blocks)} blocks")
-        print(f"{label}: {info['name']} from {path} [{key}], layer {args.layer}")
-        model.to(args.device)
-        tiles = []
-        for imgs in image_batches(paths, model.patch_embed.img_size[0], args.batch_size):
-            tiles += attention_tiles(model, imgs.to(args.device), args.queries, args.layer)
-        per_run.append(tiles)
+        labels.append(label)
+        per_run.append([tiles for imgs in image_batches(paths, model, args)
+                        for tiles in attention_tiles(model, imgs, args.queries, args.layer)])
     sizes = {tiles[0][0][0].shape for tiles in per_run}
     if len(sizes) > 1:
         raise ValueError(f"the checkpoints take different input sizes {sorted(s[-1] for s in sizes)}; draw their "
                          "attention maps in separate runs")
     columns = max(len(row) for tiles in per_run for row in tiles[0])
-    print("rows of each PNG: " + ", ".join(f"{label} @ {y:g},{x:g}" for label, _, _ in runs for y, x in args.queries))
+    print("rows of each PNG: " + ", ".join(f"{label} @ {y:g},{x:g}" for label in labels for y, x in args.queries))
     os.makedirs(args.output_dir, exist_ok=True)
     with summary_writer(args.log_dir) as writer:
         for k, image_path in enumerate(paths):

@@ -1,12 +1,7 @@
-"""Speed of LUT / MAE pre-training: the real training step, its FLOPs and MFU, and the input pipeline.
+"""Speed of LUT / MAE pre-training: the real training step, its FLOPs and MFU, the input pipeline (docs/performance.md).
 
     python tools/benchmark.py --model lut_vit_small_patch16 --batch_size 8 --device cpu
     python tools/benchmark.py --model lut_vit_base_patch16 --batch_size 128 --device cuda --amp bf16 --compile
-
-Times engine_pretrain's pretrain_step + apply_gradients (median of --repeats steps after --warmup, random images on
-the device) for --model and the other method's model of the same size, with FLOPs, MFU against --peak_tflops or the
-measured torch.mm peak, and peak memory; then images/s of one DataLoader worker for each pre-training transform.
-What each number means: docs/performance.md.
 """
 import argparse
 import copy
@@ -53,13 +48,11 @@ def parse_args(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(pretrain_step)")
     parser.add_argument("--warmup", default=3, type=int, help="untimed steps first (compilation happens here)")
     parser.add_argument("--repeats", default=10, type=int, help="timed steps; the median is reported")
-    parser.add_argument("--peak_tflops", default=None, type=float,
-                        help="the device's peak TFLOP/s for MFU (default: measured with torch.mm)")
+    parser.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s for MFU (default: torch.mm's)")
     parser.add_argument("--data_path", default=None, help="images for the input pipeline (default: synthetic JPEGs)")
     parser.add_argument("--num_images", default=60, type=int, help="images for the input pipeline (0 skips it)")
     parser.add_argument("--output_json", default=None)
-    # The engine's other arguments, at main_pretrain's defaults; a small constant lr, so that many steps on random
-    # images cannot drive the weights to inf.
+    # The engine's other arguments at main_pretrain's defaults, but a small constant lr: random images must not blow up.
     parser.set_defaults(w_mae=1.0, w_bc=0.25, model_ema_decay=0.996, weight_decay=0.05, lr=1e-5, seed=0, rank=0,
                         world_size=1)
     args = parser.parse_args(argv)
@@ -70,22 +63,15 @@ def parse_args(argv=None):
 # torch's flop counter has no formula for the CPU kernel of fused attention, and its backward formulas count the
 # score matrix that the fused kernels recompute. Model FLOPs, as MFU is usually defined: forward the two products
 # q k^T and softmax(.) v, backward twice that.
-def attention_flops(query, key, value, *args, **kwargs):
-    return sdpa_flop_count(query, key, value)
-
-
-def attention_backward_flops(grad_out, query, key, value, *args, **kwargs):
-    return 2 * sdpa_flop_count(query, key, value)
-
-
 FLOP_FORMULAS = {}
 for kernel in ("flash_attention_for_cpu", "flash_attention", "efficient_attention", "cudnn_attention"):
-    FLOP_FORMULAS[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}")] = attention_flops
-    FLOP_FORMULAS[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_backward")] = attention_backward_flops
+    FLOP_FORMULAS[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}")] = (
+        lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value))
+    FLOP_FORMULAS[getattr(torch.ops.aten, f"_scaled_dot_product_{kernel}_backward")] = (
+        lambda grad_out, query, key, value, *args, **kwargs: 2 * sdpa_flop_count(query, key, value))
 
 
 def seconds(fn, device, repeats=1):
-    """Wall time of `repeats` calls of fn, until the device has finished them."""
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -106,7 +92,7 @@ def matmul_peak(dtype, device, trials=3, min_seconds=0.2):
 
 
 def measure_step(args, name, compiled):
-    """Time the training step of model `name`, built as main_pretrain builds it; returns a dict of results."""
+    """Time the training step of model `name`, built as main_pretrain builds it."""
     device, lut = args.device, name.startswith("lut")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -118,12 +104,10 @@ def measure_step(args, name, compiled):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     views = [torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device) for _ in range(1 + lut)]
     noise = masking_noise(args, 0, 0, args.batch_size, student.num_patches, device)
-    step_fn = torch.compile(pretrain_step) if compiled else pretrain_step
 
-    def step(fn=step_fn):
+    def step(fn=torch.compile(pretrain_step) if compiled else pretrain_step):
         scaler.scale(fn(student, teacher, views, noise, args)["loss"]).backward()
         apply_gradients(optimizer, scaler, student, teacher, args.model_ema_decay)
-
     with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step(pretrain_step)  # compiled or not, the math is the same
     warmup_s = seconds(step, device, args.warmup)
@@ -137,24 +121,22 @@ def measure_step(args, name, compiled):
                 achieved_flops_per_s=flops / step_time, peak_memory_bytes=memory)
 
 
-def synthetic_jpeg(path, width, height, rng):
-    """Smooth colour fields over finer texture (a 1/f-like spectrum), so that the JPEG file gets a photo-like size."""
-    img = rng.standard_normal((height, width, 3)) * 9 + 128
-    for octave in range(1, 8):
-        grid = Image.fromarray(rng.integers(0, 256, (2 ** octave, 2 ** octave, 3), np.uint8))
-        img += (np.asarray(grid.resize((width, height), Image.BICUBIC), np.float32) - 128) * 0.8 ** (octave + 1)
-    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
+def synthetic_jpegs(folder, count):
+    """`count` JPEGs in `folder` (returned): smooth colour fields over finer texture (1/f-like), photo-like in size."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        width, height = JPEG_SIZES[i % len(JPEG_SIZES)]
+        img = rng.standard_normal((height, width, 3)) * 9 + 128
+        for octave in range(1, 8):
+            grid = Image.fromarray(rng.integers(0, 256, (2 ** octave, 2 ** octave, 3), np.uint8))
+            img += (np.asarray(grid.resize((width, height), Image.BICUBIC), np.float32) - 128) * 0.8 ** (octave + 1)
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    return folder
 
 
-def measure_pipeline(args, folder):
+def measure_pipeline(args, data_path):
     """Images/s of one DataLoader worker (one torch thread) for each transform, every image loaded once."""
-    if args.data_path:
-        paths = find_images(args.data_path)[:args.num_images]
-    else:
-        paths = [os.path.join(folder, f"{i:05d}.jpg") for i in range(args.num_images)]
-        rng = np.random.default_rng(0)
-        for i, path in enumerate(paths):
-            synthetic_jpeg(path, *JPEG_SIZES[i % len(JPEG_SIZES)], rng)
+    paths = find_images(data_path)[:args.num_images]
     for path in paths:  # into the page cache, so that every transform starts alike
         with open(path, "rb") as f:
             f.read()
@@ -173,26 +155,6 @@ def measure_pipeline(args, folder):
     return dict(source=args.data_path or "synthetic JPEGs", images=len(paths), images_per_s=rates)
 
 
-def print_report(report):
-    cuda = report["config"]["device"].type == "cuda"
-    print(f"\n{report['device']}; peak {report['peak_flops_per_s'] / 1e12:.3g} TFLOP/s ({report['peak_source']}); "
-          f"peak mem: {'CUDA max allocated' if cuda else 'process peak RSS so far (ru_maxrss)'}")
-    header = ("model", "amp", "compiled", "batch", "step ms", "img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak mem")
-    rows = [header] + [(s["model"], s["amp"], "yes" if s["compiled"] else "no", s["batch_size"],
-                        f"{s['step_time_s'] * 1e3:.1f}", f"{s['images_per_s']:.1f}",
-                        f"{s['flops_per_step'] / s['batch_size'] / 1e9:.2f}", f"{s['achieved_flops_per_s'] / 1e12:.3f}",
-                        f"{s['mfu']:.1%}", f"{s['peak_memory_bytes'] / 2 ** 30:.2f} GiB") for s in report["steps"]]
-    for row in rows:
-        print(f"{row[0]:<24}" + "".join(f"{value:>10}" for value in row[1:]))
-    for r in report["lut_vs_mae"]:
-        print(f"LUT / MAE{' compiled' if r['compiled'] else ''}: step time x{r['step_time_ratio']:.3f}, "
-              f"FLOPs x{r['flop_ratio']:.3f}")
-    if "pipeline" in report:
-        p = report["pipeline"]
-        print(f"input pipeline, images/s per DataLoader worker ({p['images']} images, {p['source']}): "
-              + ", ".join(f"{name} {rate:.1f}" for name, rate in p["images_per_s"].items()))
-
-
 def main(args):
     device, dtype = args.device, PEAK_DTYPE[args.amp]
     peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak(getattr(torch, dtype), device)
@@ -209,13 +171,25 @@ def main(args):
             report["steps"].append(dict(step, mfu=step["achieved_flops_per_s"] / peak))
         if len(names) == 2:
             lut, mae = sorted(report["steps"][-2:], key=lambda step: step["model"])  # lut_* sorts before mae_*
-            report["lut_vs_mae"].append(dict(compiled=compiled,
-                                             step_time_ratio=lut["step_time_s"] / mae["step_time_s"],
+            report["lut_vs_mae"].append(dict(compiled=compiled, step_time_ratio=lut["step_time_s"] / mae["step_time_s"],
                                              flop_ratio=lut["flops_per_step"] / mae["flops_per_step"]))
+    memory = "CUDA max allocated" if device.type == "cuda" else "process peak RSS so far (ru_maxrss)"
+    print(f"\n{report['device']}; peak {peak / 1e12:.3g} TFLOP/s ({report['peak_source']}); peak mem: {memory}")
+    header = ("model", "amp", "compiled", "batch", "step ms", "img/s", "GFLOP/img", "TFLOP/s", "MFU", "peak mem")
+    rows = [header] + [(s["model"], s["amp"], "yes" if s["compiled"] else "no", s["batch_size"],
+                        f"{s['step_time_s'] * 1e3:.1f}", f"{s['images_per_s']:.1f}",
+                        f"{s['flops_per_step'] / s['batch_size'] / 1e9:.2f}", f"{s['achieved_flops_per_s'] / 1e12:.3f}",
+                        f"{s['mfu']:.1%}", f"{s['peak_memory_bytes'] / 2 ** 30:.2f} GiB") for s in report["steps"]]
+    for row in rows:
+        print(f"{row[0]:<24}" + "".join(f"{value:>10}" for value in row[1:]))
+    for r in report["lut_vs_mae"]:
+        print(f"LUT / MAE{' compiled' if r['compiled'] else ''}: step time x{r['step_time_ratio']:.3f}, "
+              f"FLOPs x{r['flop_ratio']:.3f}")
     if args.num_images > 0:
         with tempfile.TemporaryDirectory() as folder:
-            report["pipeline"] = measure_pipeline(args, folder)
-    print_report(report)
+            report["pipeline"] = p = measure_pipeline(args, args.data_path or synthetic_jpegs(folder, args.num_images))
+        print(f"input pipeline, images/s per DataLoader worker ({p['images']} images, {p['source']}): "
+              + ", ".join(f"{name} {rate:.1f}" for name, rate in p["images_per_s"].items()))
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1, default=str)  # str: the torch.device

@@ -4,12 +4,10 @@
     python tools/compare_lut_mae.py --data_path /imagenet100 --size small --input_size 224 --patch_size 16 \
         --epochs 200 --batch_size 256 --probe_epochs 90 --launcher "torchrun --nproc_per_node=8" --output_dir out/cmp
 
-The paper's claim (LUT's features beat MAE's at equal pre-training epochs) checked at whatever scale you can afford.
-Both methods get the same images, seed, epochs, batch, input size, mask ratio and lr rule; each is then evaluated by
-main_knn.py and main_linprobe.py on CLS-token and on mean-patch-token features (last probe epoch, no selection on the
-validation set). Every step is an ordinary run of the training scripts (printed first) in output_dir/<method>/..., so
-an interrupted comparison resumes where it stopped. The table is printed and written to output_dir/results.json.
-On a CPU, shrink the budget (e.g. --patch_size 8 --epochs 5) and set OMP_NUM_THREADS to the cores you have.
+Both methods get the same images, seed, epochs, batch, input size, mask ratio and lr rule, then main_knn.py and
+main_linprobe.py on CLS-token and mean-patch-token features (last probe epoch). Every step is an ordinary run of a
+training script in output_dir/<method>/..., so an interrupted comparison resumes; the table also goes to
+output_dir/results.json. On a CPU, shrink the budget (e.g. --patch_size 8 --epochs 5) and set OMP_NUM_THREADS.
 """
 import argparse
 import json
@@ -53,7 +51,6 @@ def get_args_parser():
 
 
 def run(script, flags, args):
-    """Run one training script to completion (its output goes straight to the console)."""
     cmd = [*shlex.split(args.launcher), os.path.join(ROOT, script), *map(str, flags), *shlex.split(args.extra_args)]
     print(f"\n$ {shlex.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -79,7 +76,6 @@ def evaluate_method(method, args):
     run("main_pretrain.py", common + pretrain, args)
     row = {"method": method.upper(), "pretrain_minutes": (time.time() - start) / 60,
            "pretrain_loss": last_record(os.path.join(out, "log.txt"))["train_loss"]}
-
     encoder = ["--model", f"vit_{args.size}_patch16", "--finetune", os.path.join(out, "checkpoint-last.pth")]
     for pool, pool_flags in POOLS.items():
         knn_dir = os.path.join(out, f"knn_{pool}")
@@ -95,12 +91,6 @@ def evaluate_method(method, args):
     return row
 
 
-def format_table(rows):
-    lines = [" | ".join(COLUMNS.values()), " | ".join("---" for _ in COLUMNS)]
-    lines += [" | ".join(str(row[k]) if isinstance(row[k], str) else f"{row[k]:.2f}" for k in COLUMNS) for row in rows]
-    return "\n".join(lines)
-
-
 def main(args):
     if args.data_path == get_args_parser().get_default("data_path") and not os.path.isdir(args.data_path):
         subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_demo_data.py"), "--out", args.data_path],
@@ -111,8 +101,10 @@ def main(args):
                              f"does not exist")
     os.makedirs(args.output_dir, exist_ok=True)
     rows = [evaluate_method(method, args) for method in ("lut", "mae")]
+    table = [" | ".join(COLUMNS.values()), " | ".join("---" for _ in COLUMNS)]
+    table += [" | ".join(str(row[k]) if isinstance(row[k], str) else f"{row[k]:.2f}" for k in COLUMNS) for row in rows]
     print(f"\nLUT vs MAE, ViT-{args.size}, {args.epochs} pre-training epochs on {args.data_path} "
-          f"(top-1 %, last epoch / k = 20):\n{format_table(rows)}")
+          f"(top-1 %, last epoch / k = 20):", *table, sep="\n")
     with open(os.path.join(args.output_dir, "results.json"), "w") as f:
         json.dump({"args": vars(args), "results": rows}, f, indent=1)
     return rows

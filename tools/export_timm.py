@@ -2,12 +2,10 @@
 
     python tools/export_timm.py --checkpoint lut.pth --checkpoint_key model --output lut_vit_base.safetensors
 
-The file has timm's keys for a ViT with CLS token and final norm (global_pool='token'), no classifier. The tool checks
-that timm loads it strictly and that forward_features reproduces our forward_encoder, then prints the
-timm.create_model call (also in the file's metadata), whose overlay sets our ImageNet mean and std. For
-global_pool='avg' (MAE's fine-tuning recipe), load it with timm.models.load_checkpoint(model, path, strict=False).
+timm's keys for a ViT with CLS token and final norm (global_pool='token'), no classifier. Checks that timm loads it
+strictly and reproduces our forward_encoder, then prints the timm.create_model call (also in the file's metadata).
+For global_pool='avg', load it with timm.models.load_checkpoint(model, path, strict=False); see docs/tools.md.
 """
-import argparse
 import json
 import os
 
@@ -16,24 +14,16 @@ import torch
 from safetensors.torch import save_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from analysis import add_checkpoint_args, load_model  # first: it puts the repository root on sys.path
+from analysis import load_model, tool_parser  # first: it puts the repository root on sys.path
 import models_lut
 from util.augment import eval_crop_pct
 from util.pretrained import ENCODER_PREFIXES
-# Our evaluation view (util.augment.eval_transform): bicubic resize, centre crop, ImageNet mean/std.
-DATA_CONFIG = dict(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, interpolation="bicubic")
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_checkpoint_args(parser, many_checkpoints=False)
+    parser = tool_parser(__doc__, many_checkpoints=False)
     parser.add_argument("--output", required=True, metavar="PATH.safetensors", help="file to write")
     return parser
-
-
-def encoder_state_dict(model):
-    """timm VisionTransformer state dict (global_pool='token', no head) of our encoder: the same key names."""
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
 
 
 def timm_architecture(model):
@@ -48,42 +38,36 @@ def timm_architecture(model):
     return f"vit_{size}_patch16_224", {k: v for k, v in ours.items() if v != reference[k]}
 
 
-def pretrained_overlay(path, img_size):
-    overlay = dict(file=path, num_classes=0, crop_pct=eval_crop_pct(img_size), **DATA_CONFIG)
-    if img_size != 224:
-        overlay["input_size"] = (3, img_size, img_size)
-    return overlay
-
-
 @torch.no_grad()
-def check_in_timm(model, path, timm_name, timm_kwargs):
-    """Load the exported file with timm (strict) and return the largest feature difference to our encoder."""
-    timm_model = timm.create_model(timm_name, pretrained=True, num_classes=0, **timm_kwargs,
-                                   pretrained_cfg_overlay=pretrained_overlay(path, model.patch_embed.img_size[0]))
-    imgs = torch.randn(2, model.in_chans, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
-    return (timm_model.eval().forward_features(imgs) - model.forward_encoder(imgs)).abs().max().item()
-
-
 def main(args):
     if not args.output.endswith(".safetensors"):
         raise ValueError(f"--output must end in .safetensors (timm picks the loader by extension), got {args.output}")
-    if not os.path.isfile(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
     timm_name, timm_kwargs = timm_architecture(model)
     metadata = dict(source=os.path.basename(args.checkpoint), checkpoint_key=args.checkpoint_key, model=info["name"],
                     timm_model=timm_name, timm_kwargs=json.dumps(timm_kwargs))
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    save_file(encoder_state_dict(model), args.output, metadata=metadata)
+    # timm's VisionTransformer (global_pool='token', no head) has our encoder's key names
+    state = {k: v.cpu().contiguous() for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+    save_file(state, args.output, metadata=metadata)
     print(f"wrote {args.checkpoint_key} encoder of {info['name']} from {args.checkpoint} to {args.output}")
-    diff = check_in_timm(model, args.output, timm_name, timm_kwargs)
+    # Our evaluation view (util.augment.eval_transform): bicubic resize, centre crop, ImageNet mean and std.
+    img_size = model.patch_embed.img_size[0]
+    overlay = dict(file=args.output, num_classes=0, crop_pct=eval_crop_pct(img_size), mean=IMAGENET_DEFAULT_MEAN,
+                   std=IMAGENET_DEFAULT_STD, interpolation="bicubic")
+    if img_size != 224:
+        overlay["input_size"] = (3, img_size, img_size)
+    timm_model = timm.create_model(timm_name, pretrained=True, num_classes=0, **timm_kwargs,
+                                   pretrained_cfg_overlay=overlay)
+    imgs = torch.randn(2, model.in_chans, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    diff = (timm_model.eval().forward_features(imgs) - model.forward_encoder(imgs)).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f"timm's {timm_name} loaded {args.output} but its features differ from ours by {diff:.2e}")
     print(f"checked: timm's {timm_name} loads it strictly and matches our features (max difference {diff:.1e})")
     kwargs = "".join(f", {k}={v!r}" for k, v in timm_kwargs.items())
-    overlay = ", ".join(f"{k}={v!r}" for k, v in pretrained_overlay(args.output, model.patch_embed.img_size[0]).items())
+    overlay_text = ", ".join(f"{k}={v!r}" for k, v in overlay.items())
     print(f"use it with:\n  timm.create_model({timm_name!r}, pretrained=True{kwargs},\n"
-          f"                    pretrained_cfg_overlay=dict({overlay}))")
+          f"                    pretrained_cfg_overlay=dict({overlay_text}))")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,7 @@
     python tools/make_demo_data.py --out ./data/demo
 
 gives OUT/train/<class>/<index>.png (300 per class) and OUT/val/<class>/<index>.png (100 per class): 28x28 RGB PNGs,
-named by their index in the original Fashion-MNIST file. A split that is already complete is left alone.
-See data/README.md for where the images come from.
+named by their index in the original Fashion-MNIST file (data/README.md). A complete split is left alone.
 """
 import argparse
 import os

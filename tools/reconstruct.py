@@ -4,9 +4,7 @@
         --mask_ratio 0.75 --output_dir analysis
 
 One row per image: original, masked input (removed patches grey), reconstruction, reconstruction with the visible
-patches pasted in (analysis.reconstruction_rows), masked by `models_lut.random_masking` with noise seeded by --seed.
-Small inputs are enlarged to at least 128 px.
-Writes OUTPUT_DIR/reconstructions_mask<ratio in %>.png.
+patches pasted in. Writes OUTPUT_DIR/reconstructions_mask<ratio in %>.png; details: docs/tools.md.
 """
 import argparse
 import os
@@ -14,14 +12,13 @@ import os
 import torch
 
 # analysis first: it puts the repository root on sys.path.
-from analysis import (add_common_args, check_common_args, enlarge, image_batches, load_model, pick_images,
-                      reconstruction_rows, save_images, summary_writer)
+from analysis import (enlarge, image_batches, image_paths, load_model, reconstruction_rows, save_images,
+                      summary_writer, tool_parser)
 from models_lut import random_masking
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser, many_checkpoints=False, num_images=8)
+    parser = tool_parser(__doc__, many_checkpoints=False, num_images=8)
     parser.add_argument("--mask_ratio", type=float, default=0.75, help="share of patches removed (default 0.75)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masking noise")
     parser.add_argument("--norm_pix_loss", action=argparse.BooleanOptionalAction, default=None,
@@ -30,18 +27,10 @@ def get_args_parser():
 
 
 @torch.no_grad()
-def reconstruct(model, imgs, mask_ratio, noise, norm_pix_loss):
-    """imgs: [B, 3, H, W] normalised; noise: [B, L]. Returns [4 * B, 3, H, W] RGB in [0, 1], see reconstruction_rows."""
-    (ids_keep,), (mask,), ids_restore = random_masking(noise, mask_ratio)
-    pred = model.forward_decoder(model.forward_encoder(imgs, ids_keep), ids_restore)
-    return reconstruction_rows(model, imgs, pred, mask, norm_pix_loss)
-
-
 def main(args):
-    check_common_args(args, needs_matplotlib=False)
+    paths = image_paths(args)
     if not 0 < args.mask_ratio < 1:
         raise ValueError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    paths = pick_images(args.data_path, args.num_images)
     model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
     if not info["has_decoder"]:
         raise ValueError(f"{args.checkpoint} has no decoder weights (e.g. MAE's encoder-only release); reconstructions "
@@ -53,9 +42,11 @@ def main(args):
           f"mask ratio {args.mask_ratio}, {len(paths)} images")
     model.to(args.device)
     noise = torch.rand(len(paths), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
-    batches = zip(image_batches(paths, model.patch_embed.img_size[0], args.batch_size), noise.split(args.batch_size))
-    rows = [reconstruct(model, imgs.to(args.device), args.mask_ratio, batch_noise.to(args.device), norm_pix_loss).cpu()
-            for imgs, batch_noise in batches]
+    rows = []
+    for imgs, batch_noise in zip(image_batches(paths, model, args), noise.split(args.batch_size)):
+        (ids_keep,), (mask,), ids_restore = random_masking(batch_noise.to(args.device), args.mask_ratio)
+        pred = model.forward_decoder(model.forward_encoder(imgs, ids_keep), ids_restore)
+        rows.append(reconstruction_rows(model, imgs, pred, mask, norm_pix_loss).cpu())
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"reconstructions_mask{round(args.mask_ratio * 100)}.png")
     with summary_writer(args.log_dir) as writer:
