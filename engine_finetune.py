@@ -113,7 +113,8 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
 
 @torch.no_grad()
 def evaluate(model, data_loader, device, amp="none", reduce=False, classes=None, header="Test:"):
-    """dict(acc1, acc5 (%), loss (mean cross-entropy), count) of `model` (unwrapped) on `data_loader`.
+    """dict(acc1, acc5 (%), loss (mean cross-entropy), count) of `model` on `data_loader`; the model is unwrapped,
+    not DDP, since the ranks' shards may differ in length.
 
     reduce: the loader holds this rank's shard (--dist_eval); counts are summed over ranks, so the result is exactly
     the whole set's. classes: the indices of the competing logits, which the labels index, e.g. ImageNet-R's 200.

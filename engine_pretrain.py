@@ -32,10 +32,11 @@ def masking_noise(args, epoch, micro_step, batch_size, num_patches, device):
 
 
 def pretrain_step(model, teacher, views, noise, args):
-    """Forward pass of one micro-batch under the --amp autocast: dict(loss, mim, bc) for LUT, dict(loss) for MAE.
+    """Forward pass of one micro-batch under the --amp autocast: dict(loss, mim, bc) for LUT, dict(loss) for MAE;
+    `loss` is what is back-propagated.
 
-    model: the student (maybe DDP-wrapped); teacher: the EMA copy in eval mode, None for MAE; views: [view1, view2]
-    (LUT) or [imgs] (MAE), each [B, 3, H, W]; noise: [B, L] masking noise.
+    model: the student (DDP-wrapped or compiled is fine); teacher: the EMA copy in eval mode, None for MAE;
+    views: [view1, view2] (LUT) or [imgs] (MAE), each [B, 3, H, W]; noise: [B, L] masking noise.
     """
     with autocast(views[0].device, args.amp):
         if teacher is None:
@@ -68,8 +69,9 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
                     log_writer=None, should_stop=lambda step: False, step_fn=pretrain_step):
     """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step).
 
-    model: the student (DDP-wrapped when distributed); teacher: the EMA copy, None for MAE; step_fn: pretrain_step or
-    its torch.compile; totals: the logger totals of the epoch's first part when resuming mid-epoch.
+    An epoch is args.steps_per_epoch optimizer steps of args.accum_iter micro-batches. model: the student
+    (DDP-wrapped when distributed); teacher: the EMA copy, None for MAE; step_fn: pretrain_step or its torch.compile;
+    totals: the logger totals of the epoch's first part when resuming mid-epoch.
     Returns (epoch means, optimizer steps of the epoch done, logger totals).
     """
     model.train()

@@ -58,18 +58,20 @@ def find_sets(args):
     found = {}
     for name in SETS:
         given = getattr(args, f"{name.replace('-', '_')}_path")
-        path = given or (args.data_root and os.path.join(args.data_root, name))
         if given and not os.path.isdir(given):
             raise SystemExit(f"--{name.replace('-', '_')}_path {given} is not a folder")
+        path = given or (args.data_root and os.path.join(args.data_root, name))
         if path and os.path.isdir(path):
             found[name] = path
-            for corruption in corruptions(path) if name == "imagenet-c" else []:
-                if corruption not in CORRUPTIONS + EXTRA_CORRUPTIONS:
-                    raise SystemExit(f"{name} at {path}: {corruption!r} is none of its 19 corruptions")
-            for folder in parts(name, path).values():
-                check_classes(name, folder)
     if not found:
         raise SystemExit(f"no robustness set found: give --data_root with any of {', '.join(SETS)}, or their --*_path")
+    for name, path in found.items():
+        if name == "imagenet-c":
+            unknown = sorted(set(corruptions(path)) - set(CORRUPTIONS + EXTRA_CORRUPTIONS))
+            if unknown:
+                raise SystemExit(f"{name} at {path}: {unknown[0]!r} is none of its 19 corruptions")
+        for folder in parts(name, path).values():
+            check_classes(name, folder)
     return found
 
 

@@ -96,8 +96,8 @@ def test_a_checkpoint_key_the_file_lacks_is_refused_in_one_line_naming_its_entri
     for key in ("teacher", "epoch"):
         args = main_finetune.get_args_parser().parse_args(
             ["--data_path", "x", "--finetune", str(tmp_path / "ckpt.pth"), "--checkpoint_key", key])
-        with pytest.raises(SystemExit, match=re.escape(f"no weights under '{key}' (it has ['model']) "
-                                                       f"(--checkpoint_key)")):
+        with pytest.raises(SystemExit, match=re.escape(f"no weights under '{key}' (it has ['model']); choose one "
+                                                       f"with --checkpoint_key")):
             main_finetune.check_args(args)
 
 

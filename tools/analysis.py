@@ -1,7 +1,7 @@
 """Shared helpers of the analysis and export tools. Plots need matplotlib (optional); numbers and JSON only torch."""
 import argparse
 import contextlib
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -64,15 +64,19 @@ def image_paths(args, needs_matplotlib=False):
     for path in args.checkpoints if many else [args.checkpoint]:
         if not os.path.isfile(path):
             raise SystemExit(f"checkpoint not found: {path}")
-    if many and (len(args.checkpoint_key) not in (1, len(args.checkpoints))
-                 or len(args.labels or args.checkpoints) != len(args.checkpoints)):
-        raise SystemExit(f"{len(args.checkpoints)} checkpoints need as many --labels (or none) and as many "
-                         "--checkpoint_key values (or one)")
+    if many and args.labels and len(args.labels) != len(args.checkpoints):
+        raise SystemExit(f"give one --labels entry per checkpoint ({len(args.checkpoints)}), got {len(args.labels)}")
+    if many and len(args.checkpoint_key) not in (1, len(args.checkpoints)):
+        raise SystemExit(f"give one --checkpoint_key for all checkpoints or one per checkpoint "
+                         f"({len(args.checkpoints)}), got {len(args.checkpoint_key)}")
     if args.num_images < 1 or args.batch_size < 1:
         raise SystemExit("--num_images and --batch_size must be positive")
-    if needs_matplotlib and importlib.util.find_spec("matplotlib") is None:
-        raise SystemExit("plots need matplotlib, an optional dependency: pip install matplotlib "
-                         "(it is in requirements-dev.txt), or pass --no_plot to write the JSON only")
+    if needs_matplotlib:
+        try:
+            importlib.import_module("matplotlib.figure")
+        except ImportError:
+            raise SystemExit("plots need matplotlib, an optional dependency: pip install matplotlib "
+                             "(it is in requirements-dev.txt), or pass --no_plot to write the JSON only") from None
     paths = find_images(args.data_path)
     picks = np.unique(np.linspace(0, len(paths) - 1, num=min(args.num_images, len(paths))).round().astype(int))
     return [paths[i] for i in picks]
@@ -81,9 +85,13 @@ def image_paths(args, needs_matplotlib=False):
 def checkpoint_models(args):
     """Yield (label, path, checkpoint_key, model on args.device, info) for each of --checkpoints, one at a time."""
     keys = args.checkpoint_key * len(args.checkpoints) if len(args.checkpoint_key) == 1 else args.checkpoint_key
-    labels = args.labels or [
-        os.path.join(os.path.basename(os.path.dirname(os.path.abspath(p))), os.path.splitext(os.path.basename(p))[0])
-        + (" (teacher)" if key == "model_ema" else "") for p, key in zip(args.checkpoints, keys)]
+
+    def default_label(path, key):  # folder/file, e.g. lut_vit_b/checkpoint-399
+        name = os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))),
+                            os.path.splitext(os.path.basename(path))[0])
+        return name + (" (teacher)" if key == "model_ema" else "")
+
+    labels = args.labels or [default_label(p, key) for p, key in zip(args.checkpoints, keys)]
     if len(set(labels)) != len(labels):
         raise ValueError(f"checkpoint labels {labels} are not unique; name them with --labels")
     for label, path, key in zip(labels, args.checkpoints, keys):
@@ -155,9 +163,11 @@ def block_inputs(model, imgs):
     """Encoder on all patches of imgs [B, 3, H, W]; returns the input of every block, `depth` tensors [B, 1 + L, D]."""
     inputs = []
     hooks = [blk.register_forward_pre_hook(lambda module, args: inputs.append(args[0])) for blk in model.blocks]
-    model.forward_encoder(imgs)
-    for hook in hooks:
-        hook.remove()
+    try:
+        model.forward_encoder(imgs)
+    finally:
+        for hook in hooks:
+            hook.remove()
     return inputs
 
 
@@ -258,14 +268,14 @@ def analyse_checkpoints(args, name, measure, plot):
     os.makedirs(args.output_dir, exist_ok=True)
     results = {label: dict(checkpoint=path, checkpoint_key=key, model=info["name"], num_images=len(paths),
                            **measure(model, paths, args)) for label, path, key, model, info in checkpoint_models(args)}
-    path = os.path.join(args.output_dir, f"{name}.json")
-    with open(path, "w") as f:
+    json_path = os.path.join(args.output_dir, f"{name}.json")
+    with open(json_path, "w") as f:
         json.dump(results, f, indent=1)
-    print(f"wrote {path}")
+    print(f"wrote {json_path}")
     if not args.no_plot:
-        fig, path = plot(results), os.path.join(args.output_dir, f"{name}.png")
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-        if args.log_dir:
-            with SummaryWriter(args.log_dir) as writer:
+        fig, png_path = plot(results), os.path.join(args.output_dir, f"{name}.png")
+        fig.savefig(png_path, dpi=150, bbox_inches="tight")
+        with summary_writer(args.log_dir) as writer:
+            if writer is not None:
                 writer.add_figure(name, fig)
-        print(f"wrote {path}")
+        print(f"wrote {png_path}")

@@ -187,7 +187,8 @@ def main(args):
               f"FLOPs x{r['flop_ratio']:.3f}")
     if args.num_images > 0:
         with tempfile.TemporaryDirectory() as folder:
-            report["pipeline"] = p = measure_pipeline(args, args.data_path or synthetic_jpegs(folder, args.num_images))
+            data_path = args.data_path or synthetic_jpegs(folder, args.num_images)
+            report["pipeline"] = p = measure_pipeline(args, data_path)
         print(f"input pipeline, images/s per DataLoader worker ({p['images']} images, {p['source']}): "
               + ", ".join(f"{name} {rate:.1f}" for name, rate in p["images_per_s"].items()))
     if args.output_json:

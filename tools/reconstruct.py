@@ -28,9 +28,9 @@ def get_args_parser():
 
 @torch.no_grad()
 def main(args):
-    paths = image_paths(args)
     if not 0 < args.mask_ratio < 1:
-        raise ValueError(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+        raise SystemExit(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
+    paths = image_paths(args)
     model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
     if not info["has_decoder"]:
         raise ValueError(f"{args.checkpoint} has no decoder weights (e.g. MAE's encoder-only release); reconstructions "

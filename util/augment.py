@@ -12,7 +12,7 @@ from PIL import ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 BICUBIC = T.InterpolationMode.BICUBIC
-TO_TENSOR = [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+TO_NORMALIZED_TENSOR = [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
 
 
 class OneOf(T.RandomChoice):
@@ -45,12 +45,13 @@ class LUTTwoViews:
         # each view, with half the resampling work (the largest cost after decoding).
         self.resize = T.Resize(input_size, interpolation=BICUBIC)
         crop_and_flip = [T.RandomCrop(input_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
-        self.view1 = T.Compose(crop_and_flip + TO_TENSOR)
+        self.view1 = T.Compose(crop_and_flip + TO_NORMALIZED_TENSOR)
         self.view2 = T.Compose(crop_and_flip + [
             T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
             # Threshold 128 (of 255) as in BYOL and the LUT authors' code: pixels >= 128 are inverted.
-            OneOf([T.Grayscale(num_output_channels=3), T.RandomSolarize(threshold=128, p=1.0), GaussianBlur()]),
-        ] + TO_TENSOR)
+            OneOf([T.Grayscale(num_output_channels=3), T.RandomSolarize(threshold=128, p=1.0),
+                   GaussianBlur(sigma=(0.1, 2.0))]),
+        ] + TO_NORMALIZED_TENSOR)
 
     def __call__(self, img):
         img = self.resize(img)
@@ -76,13 +77,14 @@ class RandomResizedCrop(T.RandomResizedCrop):
 
 def linprobe_transform(input_size):
     """MAE's linear-probe training view: its RandomResizedCrop (bicubic, scale 0.08-1) + flip."""
-    return T.Compose([RandomResizedCrop(input_size, interpolation=BICUBIC), T.RandomHorizontalFlip()] + TO_TENSOR)
+    return T.Compose([RandomResizedCrop(input_size, interpolation=BICUBIC), T.RandomHorizontalFlip()]
+                     + TO_NORMALIZED_TENSOR)
 
 
 def mae_transform(input_size):
     """MAE pre-training crop: RandomResizedCrop (bicubic, scale 0.2-1) + flip."""
     return T.Compose([T.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-                      T.RandomHorizontalFlip()] + TO_TENSOR)
+                      T.RandomHorizontalFlip()] + TO_NORMALIZED_TENSOR)
 
 
 def eval_crop_pct(input_size):
@@ -93,4 +95,4 @@ def eval_crop_pct(input_size):
 def eval_transform(input_size):
     """Resize the shorter side to int(input_size / eval_crop_pct) (bicubic), centre crop input_size."""
     return T.Compose([T.Resize(int(input_size / eval_crop_pct(input_size)), interpolation=BICUBIC),
-                      T.CenterCrop(input_size)] + TO_TENSOR)
+                      T.CenterCrop(input_size)] + TO_NORMALIZED_TENSOR)

@@ -142,7 +142,8 @@ def finish_epoch(args, record, is_best, log_writer, replay=False):
 
 def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     """Resume weights (and the teacher's), optimizer, scaler and RNG state from a checkpoint of the same script.
-    Returns (start_epoch, start_step, logger totals, checkpoint); path None starts afresh."""
+    Returns (start_epoch, start_step, logger totals, checkpoint): a mid-epoch checkpoint resumes at its step, an
+    end-of-epoch one at the next epoch; path None starts afresh."""
     if path is None:
         return 0, 0, None, {}
     ckpt = load_checkpoint(path)

@@ -1,4 +1,5 @@
-"""Training logs: a console MetricLogger that does not sync the GPU every step and stops on non-finite losses."""
+"""Training logs: a console MetricLogger that does not sync the GPU every step and stops on non-finite losses, and
+TensorBoard."""
 import datetime
 import math
 import os

@@ -48,7 +48,8 @@ def check_encoder_args(args):
         try:
             weight = normalize_pretrained(ckpt, key).get("patch_embed.proj.weight")
         except KeyError as e:
-            raise SystemExit(f"{path}: {e.args[0]}" + ("" if evaluating else " (--checkpoint_key)")) from None
+            hint = "" if evaluating else "; choose one with --checkpoint_key"
+            raise SystemExit(f"{path}: {e.args[0]}{hint}") from None
         patch = weight.shape[-1] if weight is not None else None
         if args.patch_size not in (None, patch) and patch is not None:
             raise SystemExit(f"--patch_size {args.patch_size}, but {path} has {patch}-pixel patches "
@@ -86,11 +87,13 @@ def load_encoder(model, state, source="checkpoint"):
         "in the checkpoint but not in the model": [
             k for k in state if k not in own and not (k.startswith("norm.") and "fc_norm.weight" in own)],
     }
-    if any(problems.values()):  # at most 40 keys each: a wrong model size mismatches hundreds
-        raise ValueError(f"{source} does not match the model (another architecture, patch size or --model?)" + "".join(
-            f"\n{title} ({len(names)}):" + "".join(f"\n  {n}" for n in names[:40])
-            + (f"\n  ... and {len(names) - 40} more" if len(names) > 40 else "")
-            for title, names in problems.items() if names))
+    if any(problems.values()):
+        lines = [f"{source} does not match the model (another architecture, patch size or --model?)"]
+        for title, names in problems.items():
+            if names:  # at most 40 keys each: a wrong model size mismatches hundreds
+                lines += [f"{title} ({len(names)}):"] + [f"  {n}" for n in names[:40]]
+                lines += [f"  ... and {len(names) - 40} more"] if len(names) > 40 else []
+        raise ValueError("\n".join(lines))
     return sorted(model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False).missing_keys)
 
 

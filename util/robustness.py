@@ -14,7 +14,8 @@ from timm.data import ImageNetInfo
 
 
 def _timm_synsets(name):
-    """A class list timm ships with its package data (the same lists as the sets' authors' code)."""
+    """A class list timm ships as package data (timm.data/_info, an internal path; tests/test_robustness.py pins the
+    lists against the authors')."""
     return pkgutil.get_data("timm.data", f"_info/{name}_synsets.txt").decode().split()
 
 

@@ -71,7 +71,10 @@ def submit(entry, argv=None):
                                      parents=[entry_parser, cluster_parser])
     parser.set_defaults(device="cuda")  # for the compute nodes, whatever the machine that submits has
     args = parser.parse_args(argv)
-    cluster = argparse.Namespace(**{k: vars(args).pop(k) for k in vars(cluster_parser.parse_args([]))})
+    cluster = argparse.Namespace()
+    for name in vars(cluster_parser.parse_args([])):  # the SLURM flags go to the executor, not to the entry script
+        setattr(cluster, name, getattr(args, name))
+        delattr(args, name)
     if not os.path.exists(args.data_path):
         raise SystemExit(f"--data_path {args.data_path} does not exist here (the compute nodes need the same path)")
     on_gpu = args.device.startswith("cuda")
