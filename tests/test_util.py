@@ -572,3 +572,23 @@ def test_a_checkpoint_in_the_authors_layout_resumes(tmp_path):
     assert load_training_state(tmp_path / "authors.pth", args, model, optimizer, scaler, teacher)[:2] == (5, 0)
     assert _draw() == expected
     torch.testing.assert_close(teacher.weight, model.weight + 1)
+
+
+def test_a_preemption_signal_after_a_completed_run_does_not_kill_the_exiting_process():
+    # SLURM's time-limit signal can land while a finished run's interpreter shuts down, when Python has reset its
+    # handlers to the default action (terminate): srun then reports the signal and the job ends FAILED. A shell loop
+    # signals the process without pause from before end_run until it is gone.
+    script = textwrap.dedent("""
+        import os, subprocess, time
+        from util.preemption import PreemptionHandler
+        from util.run import end_run
+        preemption = PreemptionHandler()
+        subprocess.Popen(["sh", "-c", f"while kill -USR2 {os.getpid()}; do :; done"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # ends once this process is reaped
+        time.sleep(0.3)
+        end_run(None, time.time(), preemption)
+    """)
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])

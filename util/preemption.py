@@ -37,6 +37,11 @@ class PreemptionHandler:
             print(f"{signal.Signals(self.signum).name} received: stopping after optimizer step {global_step}")
         return self.stopping
 
+    def ignore(self):
+        """Once the run is complete: a late signal has nothing to save. SIG_IGN, because Python's exit resets its own
+        handlers to the default action, under which the signal would kill the process and SLURM mark the job FAILED."""
+        signal.signal(self.signum, signal.SIG_IGN)
+
     def requeue(self):
         """After the checkpoint is written: let the previous handler requeue the job (submitit), or exit."""
         if callable(self.previous):

@@ -146,10 +146,11 @@ def open_outputs(args, ckpt_path, ckpt):
 
 
 def end_run(log_writer, start_time, preemption):
-    """Close the logs, leave the process group and, after a preemption signal, requeue."""
+    """Close the logs, leave the process group and, after a preemption signal, requeue; else ignore that signal."""
     if log_writer is not None:
         log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     destroy_distributed()
     if preemption.stopping:
         preemption.requeue()
+    preemption.ignore()
