@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torchvision
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.tensorboard import SummaryWriter
 
 # The tools run as scripts from anywhere and import this module first: put the repository root on the path for them.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -248,7 +247,10 @@ def reconstruction_rows(model, imgs, pred, mask, norm_pix_loss):
 
 def summary_writer(log_dir):
     """TensorBoard SummaryWriter for a `with` block; without a log_dir the block gets None."""
-    return SummaryWriter(log_dir) if log_dir else contextlib.nullcontext()
+    if not log_dir:
+        return contextlib.nullcontext()
+    from torch.utils.tensorboard import SummaryWriter  # imported on use: it takes a second
+    return SummaryWriter(log_dir)
 
 
 def save_images(images, path, nrow, writer, tag):

@@ -49,7 +49,8 @@ def framed(img, row, col, patch):
 def attention_tiles(model, imgs, queries, layer):
     """imgs [B, 3, S, S] -> per image, per query, [framed image, head mean, head 1, ..., head H], RGB [3, S, S]."""
     grid, patch = model.patch_embed.grid_size, model.patch_embed.patch_size[0]
-    attn = attention_weights(model.blocks[layer], block_inputs(model, imgs)[layer])[:, :, 1:, 1:].cpu()  # [B, H, L, L]
+    attn = attention_weights(model.blocks[layer], block_inputs(model, imgs)[layer])
+    attn = attn[:, :, 1:, 1:].cpu()  # [B, H, L, L], CLS left out as query and key
     rgb = denormalize(imgs.cpu())
     tiles = []
     for b in range(imgs.shape[0]):
