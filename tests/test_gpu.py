@@ -1,4 +1,5 @@
-"""The CUDA path of pre-training, for when a GPU is at hand (`make gpu-check`); every test is skipped without CUDA.
+"""The GPU path of pre-training: bf16 autocast, fused AdamW and the compiled step on every device (CPU in CI, CUDA
+where there is one: `make gpu-check`), NCCL and resume on CUDA only.
 
 Tiny models, a few seconds each, apart from the compiled step (compilation) and the resume runs (three processes).
 """
@@ -16,21 +17,21 @@ from models_lut import LUT
 from runs import MICRO_PRETRAIN, assert_same_training_state, run
 from util.batchnorm import convert_sync_batchnorm
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-DEVICE = torch.device("cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# Each device-independent check runs on the CPU and, where there is one, on the GPU.
+DEVICES = [torch.device("cpu"), pytest.param(torch.device("cuda"), marks=needs_cuda, id="cuda")]
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2, norm_pix_loss=True, head_mlp_dim=64)
 ARGS = dict(mask_ratio=0.75, w_mae=1.0, w_bc=0.25, weight_decay=0.05, lr=1e-3)
 
 
-def tiny_lut(batch=64):
-    """A tiny LUT student (training mode) and its teacher on the GPU, random views [B, 3, 32, 32] and noise [B, 16]."""
+def tiny_lut(device, batch=64):
+    """A tiny LUT student (training mode) and its teacher on `device`, random views [B, 3, 32, 32], noise [B, 16]."""
     torch.manual_seed(0)
-    student = LUT(**TINY).to(DEVICE).train()
+    student = LUT(**TINY).to(device).train()
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    views = [torch.randn(batch, 3, 32, 32, device=DEVICE) for _ in range(2)]
-    return student, teacher, views, torch.rand(batch, 16, device=DEVICE)
+    views = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(2)]
+    return student, teacher, views, torch.rand(batch, 16, device=device)
 
 
 def losses_and_grads(step_fn, student, teacher, views, noise, amp):
@@ -46,15 +47,17 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def test_bf16_autocast_step_matches_float32_step():
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_bf16_autocast_step_matches_float32_step(device):
     # bf16 rounds to 8 bits of mantissa (0.4 %): losses within 1 %, all gradients together within 10 % (L2). The
     # broader-context gradients of a random model are sensitive: at batch 8, float32 weights changed by 0.4 % move
     # them by about 10 % already, hence batch 64 (a few percent).
-    student, teacher, views, noise = tiny_lut()
+    student, teacher, views, noise = tiny_lut(device)
     terms32, grads32 = losses_and_grads(pretrain_step, student, teacher, views, noise, "none")
     terms16, grads16 = losses_and_grads(pretrain_step, student, teacher, views, noise, "bf16")
     for name in ("loss", "mim", "bc"):
         assert terms16[name].item() == pytest.approx(terms32[name].item(), rel=1e-2)
+    assert terms16["loss"].item() != terms32["loss"].item()  # autocast did compute in bf16
     assert grads16.keys() == grads32.keys()
     flat = [torch.cat([g.flatten() for g in grads.values()]) for grads in (grads16, grads32)]
     assert relative_error(*flat) < 0.1
@@ -66,13 +69,15 @@ def free_port():
         return s.getsockname()[1]
 
 
+@needs_cuda
 def test_sync_batchnorm_with_one_nccl_rank_equals_batchnorm():
     # With one rank torch's SyncBatchNorm normalises like BatchNorm1d: this checks the conversion and the path under
     # an NCCL group (shared parameters, buffers, outputs, gradients), not the reduction across ranks.
-    student, teacher, views, noise = tiny_lut()
+    device = torch.device("cuda")
+    student, teacher, views, noise = tiny_lut(device)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        synced = convert_sync_batchnorm(copy.deepcopy(student), DEVICE)
+        synced = convert_sync_batchnorm(copy.deepcopy(student), device)
         assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
         outs = []
         for model in (student, synced):
@@ -88,11 +93,12 @@ def test_sync_batchnorm_with_one_nccl_rank_equals_batchnorm():
         dist.destroy_process_group()
 
 
-def test_fused_adamw_on_cuda_matches_plain_adamw():
-    student = tiny_lut()[0]
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_fused_adamw_matches_the_per_tensor_loop(device):
+    student = tiny_lut(device)[0]
     reference = copy.deepcopy(student)
     args = argparse.Namespace(**ARGS)
-    fused = build_optimizer(student, args, DEVICE)
+    fused = build_optimizer(student, args, device)
     assert fused.defaults["fused"]
     twin = dict(zip(student.parameters(), reference.parameters()))  # the same weight decay groups on the copy
     groups = [dict(params=[twin[p] for p in g["params"]], weight_decay=g["weight_decay"]) for g in fused.param_groups]
@@ -107,8 +113,9 @@ def test_fused_adamw_on_cuda_matches_plain_adamw():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_step_equals_eager_step():
-    student, teacher, views, noise = tiny_lut()
+@pytest.mark.parametrize("device", [pytest.param(torch.device("cpu"), marks=pytest.mark.slow), *DEVICES[1:]], ids=str)
+def test_compiled_step_equals_eager_step(device):
+    student, teacher, views, noise = tiny_lut(device)
     eager_terms, eager_grads = losses_and_grads(pretrain_step, student, teacher, views, noise, "none")
     compiled_terms, compiled_grads = losses_and_grads(torch.compile(pretrain_step), student, teacher, views, noise,
                                                       "none")
@@ -116,6 +123,7 @@ def test_compiled_step_equals_eager_step():
     torch.testing.assert_close(compiled_grads, eager_grads, rtol=1e-4, atol=1e-5)
 
 
+@needs_cuda
 def test_resume_on_cuda_is_bitwise_identical(flat_images, tmp_path):
     def pretrain(out, *flags):  # 256 images: 16 optimizer steps per epoch
         return run([sys.executable, MICRO_PRETRAIN, "--model", "lut_vit_micro", "--input_size", "32", "--patch_size",

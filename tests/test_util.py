@@ -449,6 +449,55 @@ def test_plain_process_is_not_distributed(monkeypatch):
     assert dist_util.all_reduce_mean(2.5) == 2.5
 
 
+def placement(env, visible_gpus):
+    """(rank, local rank, world size, master address, CUDA device index) of the process started with `env`."""
+    layout = dist_util.launcher_env(env, first_host=lambda nodelist: "gpu07")
+    local_rank = int(layout["LOCAL_RANK"])
+    return (int(layout["RANK"]), local_rank, int(layout["WORLD_SIZE"]), layout["MASTER_ADDR"],
+            dist_util.cuda_index(local_rank, visible_gpus))
+
+
+def test_torchrun_on_two_nodes_of_four_gpus_places_rank_r_on_gpu_r_mod_4():
+    for rank in range(8):
+        env = dict(RANK=str(rank), LOCAL_RANK=str(rank % 4), WORLD_SIZE="8", GROUP_RANK=str(rank // 4),
+                   LOCAL_WORLD_SIZE="4", MASTER_ADDR="gpu07", MASTER_PORT="29500")
+        assert placement(env, visible_gpus=4) == (rank, rank % 4, 8, "gpu07", rank % 4)
+
+
+def slurm_task_env(monkeypatch, rank):
+    """The environment of task `rank` of a 2-node x 4-task SLURM job once submitit's TorchDistributedEnvironment
+    has exported it, as util.submit.Trainer does."""
+    submitit = pytest.importorskip("submitit")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test, like the variables set below
+    for var, value in dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]",
+                           SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="8", SLURM_STEP_ID="0", SLURM_PROCID=str(rank),
+                           SLURM_LOCALID=str(rank % 4), SLURM_NODEID=str(rank // 4)).items():
+        monkeypatch.setenv(var, value)
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return dict(os.environ)
+
+
+def test_a_two_node_slurm_job_as_submitit_sets_it_places_each_task_on_its_nodes_gpu(monkeypatch):
+    for rank in range(8):
+        env = slurm_task_env(monkeypatch, rank)
+        assert placement(env, visible_gpus=4) == (rank, rank % 4, 8, "gpu07", rank % 4)
+        # srun without submitit's variables maps SLURM's own the same way
+        bare = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+        assert placement(bare, visible_gpus=4) == (rank, rank % 4, 8, "gpu07", rank % 4)
+
+
+def test_a_task_that_sees_only_its_own_gpu_uses_cuda_0_whatever_its_local_rank(monkeypatch):
+    # srun --gpus-per-task=1: SLURM_LOCALID is 0..3 but CUDA_VISIBLE_DEVICES holds one GPU per task.
+    for rank in range(8):
+        assert placement(slurm_task_env(monkeypatch, rank), visible_gpus=1) == (rank, rank % 4, 8, "gpu07", 0)
+
+
+def test_more_processes_per_node_than_visible_gpus_is_refused_in_one_line():
+    with pytest.raises(SystemExit, match="local rank 3 but this process sees 2 CUDA devices .*at most 2 processes"):
+        dist_util.cuda_index(3, 2)
+
+
 # ---------------------------------------------------------------- logging
 
 def test_metric_logger_prints_window_and_global_means(capsys):

@@ -38,7 +38,7 @@ def launcher_env(env, first_host=slurm_first_host):
 
 def init_distributed(args):
     """Join the launcher's process group (nccl for --device cuda, else gloo; none for one process); sets args.rank,
-    args.world_size, args.gpu, args.distributed. A rank waits --dist_timeout minutes for the others in any collective.
+    args.world_size, args.gpu (the CUDA device index, see cuda_index), args.distributed. A rank waits --dist_timeout minutes for the others in any collective.
     MAE's --local_rank, --world_size (checked) and --dist_url are honoured. Only rank 0 prints afterwards."""
     layout = launcher_env(os.environ)
     if layout is None and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
@@ -49,20 +49,21 @@ def init_distributed(args):
     world_size = int(layout["WORLD_SIZE"]) if layout else 1
     if getattr(args, "world_size", None) not in (None, world_size):
         raise SystemExit(f"--world_size {args.world_size} but the launcher started {world_size} process(es)")
+    local_rank = int(layout["LOCAL_RANK"]) if layout else 0
+    cuda = args.device.startswith("cuda")
+    args.gpu = cuda_index(local_rank, torch.cuda.device_count()) if cuda else local_rank
     if world_size == 1:
         args.rank, args.world_size, args.distributed = 0, 1, False
-        args.gpu = int(layout["LOCAL_RANK"]) if layout else 0
         setup_for_distributed(True)
         return
     os.environ.update(layout)
-    args.rank, args.world_size, args.gpu = int(layout["RANK"]), world_size, int(layout["LOCAL_RANK"])
-    args.distributed = True
+    args.rank, args.world_size, args.distributed = int(layout["RANK"]), world_size, True
     url = getattr(args, "dist_url", "env://")
     where = f"{layout.get('MASTER_ADDR')}:{layout.get('MASTER_PORT')}" if url == "env://" else url
     timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout", 5))
-    print(f"| rank {args.rank} of {world_size} ({socket.gethostname()}, local rank {args.gpu}) joining the process "
-          f"group at {where}; waiting up to {timeout} for the other ranks", flush=True)
-    cuda = args.device.startswith("cuda")
+    print(f"| rank {args.rank} of {world_size} ({socket.gethostname()}, local rank {local_rank}"
+          f"{f', cuda:{args.gpu}' if cuda else ''}) joining the process group at {where}; waiting up to {timeout} "
+          f"for the other ranks", flush=True)
     if cuda:
         torch.cuda.set_device(args.gpu)
     try:
@@ -74,6 +75,19 @@ def init_distributed(args):
                          f"(--dist_timeout): {str(e).splitlines()[0]}") from None
     print(f"| rank {args.rank}: all {world_size} ranks joined ({dist.get_backend()})", flush=True)
     setup_for_distributed(args.rank == 0)
+
+
+def cuda_index(local_rank, visible):
+    """The CUDA device of the process with this local rank, given how many devices it sees: cuda:<local rank> when
+    every process sees all GPUs of its node (torchrun, srun with --gpus-per-node), cuda:0 when each sees only its
+    own (srun --gpus-per-task=1, or CUDA_VISIBLE_DEVICES set per process)."""
+    if visible == 1:
+        return 0
+    if not 0 <= local_rank < visible:
+        raise SystemExit(f"local rank {local_rank} but this process sees {visible} CUDA devices (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): start at most {visible} processes per "
+                         f"node, or give each process one GPU")
+    return local_rank
 
 
 def launcher_world_size():
@@ -89,7 +103,7 @@ def destroy_distributed():
 
 
 def local_device(args):
-    """The torch.device this process computes on: 'cuda:<local rank>' for --device cuda, else args.device."""
+    """The torch.device this process computes on: 'cuda:<args.gpu>' for --device cuda, else args.device."""
     return torch.device("cuda", args.gpu) if args.device.startswith("cuda") else torch.device(args.device)
 
 
