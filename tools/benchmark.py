@@ -116,9 +116,13 @@ def measure_step(args, name, compiled):
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024))
     torch.compiler.reset()  # frees a compiled step's graphs; the next model compiles afresh
     flops, step_time = counter.get_total_flops(), statistics.median(times)
+    # The SDPA backend the dispatcher chose (flash, efficient, cudnn, math, or the CPU flash kernel), forward ops only.
+    attention = sorted({str(op).removeprefix("aten._scaled_dot_product_") for op in counter.get_flop_counts()["Global"]
+                        if "scaled_dot_product" in str(op) and not str(op).endswith("backward")})
     return dict(model=name, amp=args.amp, compiled=compiled, batch_size=args.batch_size, step_time_s=step_time,
                 step_times_s=times, warmup_s=warmup_s, images_per_s=args.batch_size / step_time, flops_per_step=flops,
-                achieved_flops_per_s=flops / step_time, peak_memory_bytes=memory)
+                achieved_flops_per_s=flops / step_time, peak_memory_bytes=memory,
+                attention_kernels=attention)
 
 
 def synthetic_jpegs(folder, count):
