@@ -17,9 +17,16 @@ from models_lut import LUT
 from runs import MICRO_PRETRAIN, assert_same_training_state, run
 from util.batchnorm import convert_sync_batchnorm
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# The cases `make gpu-check` runs (pytest -m cuda): marked, and skipped where torch sees no GPU.
+CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+def needs_cuda(test):
+    return CUDA_MARKS[0](CUDA_MARKS[1](test))
+
+
 # Each device-independent check runs on the CPU and, where there is one, on the GPU.
-DEVICES = [torch.device("cpu"), pytest.param(torch.device("cuda"), marks=needs_cuda, id="cuda")]
+DEVICES = [torch.device("cpu"), pytest.param(torch.device("cuda"), marks=CUDA_MARKS, id="cuda")]
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2, norm_pix_loss=True, head_mlp_dim=64)
 ARGS = dict(mask_ratio=0.75, w_mae=1.0, w_bc=0.25, weight_decay=0.05, lr=1e-3)

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 import benchmark  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's data sheets (TFLOP/s, without sparsity), matched in this order against
-# torch.cuda.get_device_name(); any other GPU is compared with its measured torch.mm peak.
+# torch.cuda.get_device_name(); any other GPU gets no MFU (add its peak here).
 DATASHEET_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.5), ("H100", 989.4),
                          ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.1), ("A10G", 70.0),
                          ("L4", 121.0)]
@@ -46,9 +46,12 @@ def parse_args(argv=None):
     parser.add_argument("--input_size", default=224, type=int)
     parser.add_argument("--patch_size", default=16, type=int)
     parser.add_argument("--head_mlp_dim", default=4096, type=int)
+    parser.add_argument("--warmup", default=3, type=int, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--repeats", default=10, type=int, help="timed steps; the median is reported")
     parser.add_argument("--num_images", default=60, type=int, help="synthetic JPEGs for the input pipeline")
     parser.add_argument("--budget_s", default=290, type=float, help="all parts together; the last ones are skipped")
     parser.add_argument("--no_compiled_mae", action="store_true", help="skip the compiled MAE step")
+    parser.add_argument("--no_compile", action="store_true", help="skip both compiled steps")
     return parser.parse_args(argv)
 
 
@@ -68,8 +71,8 @@ def datasheet_peak(device_name):
 
 
 def run_cuda_tests(limit):
-    """pytest on the CUDA cases of tests/test_gpu.py: (status, summary line)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", "tests/test_gpu.py"]
+    """pytest on the CUDA cases of tests/test_gpu.py (marked cuda): status, pytest's summary line, what failed."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests/test_gpu.py"]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit, cwd=ROOT)
     except subprocess.TimeoutExpired:
@@ -130,8 +133,11 @@ def main(args):
         os.replace(path + ".tmp", path)
         print(f"gpu-check: {part}: {result['status']} in {result['seconds']} s", file=sys.stderr, flush=True)
 
+    def budget_left():
+        return args.budget_s - (time.monotonic() - start)
+
     def limit(part):
-        return min(LIMITS[part], args.budget_s - (time.monotonic() - start))
+        return min(LIMITS[part], budget_left())
 
     peak = datasheet_peak(report["device"]) if device == "cuda" else None
     report["peak_flops_per_s"] = peak
@@ -139,18 +145,21 @@ def main(args):
                              "no peak: a GPU missing from DATASHEET_BF16_TFLOPS" if device == "cuda" else "no peak: CPU")
     argv = ["--model", args.model, "--batch_size", str(args.batch_size), "--input_size", str(args.input_size),
             "--patch_size", str(args.patch_size), "--head_mlp_dim", str(args.head_mlp_dim), "--device", device,
-            "--amp", "bf16", "--num_images", str(args.num_images)]
+            "--amp", "bf16", "--num_images", str(args.num_images), "--warmup", str(args.warmup),
+            "--repeats", str(args.repeats)]
     mae = "mae" + args.model[3:]
-    parts = [("cuda_tests", None, False), ("step", args.model, False), ("step", mae, False),
-             ("compiled_step", args.model, True)] + ([] if args.no_compiled_mae else [("compiled_step", mae, True)])
-    for kind, name, compiled in parts + [("pipeline", None, False)]:
+    # The most telling parts first: what the budget leaves out is the last, the optional compiled MAE step.
+    compiled = [] if args.no_compile else [args.model] if args.no_compiled_mae else [args.model, mae]
+    parts = ([("step", args.model, False), ("step", mae, False), ("pipeline", None, False), ("cuda_tests", None, False)]
+             + [("compiled_step", name, True) for name in compiled])
+    for kind, name, compiled in parts:
         part = kind if name is None else f"{name}{' compiled' if compiled else ''}"
         part_start = time.monotonic()
         if kind == "cuda_tests" and not cuda:
             record(part, dict(status="skipped", detail="no CUDA device"))
         elif kind != "pipeline" and device == "cpu" and args.device is None:
             record(part, dict(status="skipped", detail="no CUDA device (--device cpu measures the CPU)"))
-        elif limit(kind) < 5:
+        elif budget_left() < 5:
             record(part, dict(status="skipped", detail=f"--budget_s {args.budget_s:.0f} spent"))
         elif kind == "cuda_tests":
             record(part, run_cuda_tests(limit(kind)))
@@ -185,17 +194,17 @@ def summarise(report):
 def print_table(report, path):
     print(f"\ngpu-check on {report['device']} (torch {report['torch']}, CUDA {report['cuda_runtime']}); "
           f"MFU against {report['peak_source']}")
-    header = ("part", "status", "step ms", "img/s", "MFU", "peak mem", "attention", "workers/GPU", "s")
-    rows = [header]
+    rows = [("part", "status", "step ms", "img/s", "MFU", "peak mem", "attention", "workers/GPU", "s")]
     for part, r in report["parts"].items():
         ok = r["status"] == "ok" and "step_time_s" in r
         rows.append((part, r["status"], f"{r['step_time_s'] * 1e3:.1f}" if ok else "",
                      f"{r['images_per_s']:.1f}" if ok else "", f"{r['mfu']:.1%}" if ok and r.get("mfu") else "",
                      f"{r['peak_memory_bytes'] / 2 ** 30:.2f} GiB" if ok else "",
-                     ",".join(r["attention_kernels"]) or "math" if ok else "",
-                     str(report["workers_per_gpu"].get(part, "")), str(r["seconds"])))
-    for row in rows:
-        print(f"{row[0]:<32}{row[1]:<9}" + "".join(f"{value:>12}" for value in row[2:7]) + f"{row[7]:>13}{row[8]:>7}")
+                     (",".join(r["attention_kernels"]) or "math") if ok else "",
+                     str(report["workers_per_gpu"].get(part, "")), f"{r['seconds']:.0f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:  # names and status left-aligned, numbers right-aligned
+        print("  ".join(v.ljust(w) if i < 2 or i == 6 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
     for part, r in report["parts"].items():
         if r["status"] != "ok" or part == "cuda_tests":
             print(f"  {part}: {r['status']}: {r.get('detail', '')}")

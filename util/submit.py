@@ -50,8 +50,9 @@ class Trainer:
 
     def __call__(self):
         job_id = submitit.JobEnvironment().job_id
-        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (first node), MASTER_PORT (from the job id) for env://. Every
-        # task sees all GPUs of its node and picks cuda:LOCAL_RANK.
+        # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR (first node), MASTER_PORT (from the job id) for env://;
+        # CUDA_VISIBLE_DEVICES is left as SLURM set it: a task that sees its node's GPUs takes cuda:LOCAL_RANK, one
+        # that sees a single GPU (--gpus-per-task=1) cuda:0 (util.dist.cuda_index).
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         # main() annotates its args (rank, lr, ...): keep the submitted ones pristine for the requeued job.
         args = copy.deepcopy(self.args)
