@@ -8,6 +8,7 @@ See PRETRAIN.md for the recipes and docs/method.md for the method.
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import os
 import time
@@ -108,6 +109,24 @@ def build_model(args):
     return models_lut.MODELS[args.model](**kwargs)
 
 
+def compile_step(accum_iter):
+    """torch.compile(pretrain_step) and a function returning the line that reports dynamo's graphs. Those compiled
+    after this process's first optimizer step (whose accum_iter calls saw both DDP variants, no_sync and sync) count
+    as recompilations: each stalls all ranks, mostly from a guard on something that changes from step to step."""
+    from torch._dynamo.utils import counters
+    compiled, calls, warm = torch.compile(pretrain_step), itertools.count(), []
+
+    def step_fn(*inputs):
+        if next(calls) == accum_iter:
+            warm.append(counters["stats"]["unique_graphs"])
+        return compiled(*inputs)
+
+    def report():
+        graphs = counters["stats"]["unique_graphs"]
+        return f"compile: {graphs} graphs, {graphs - warm[0] if warm else 0} recompilations after the first step"
+    return step_fn, report
+
+
 def main(args):
     """Run (or resume) the pre-training described by `args`; returns the trained (student, teacher or None), or
     (None, None) when output_dir holds the run finished."""
@@ -163,7 +182,7 @@ def main(args):
         return preemption.requested(global_step) or (args.stop_at_step is not None
                                                      and global_step >= args.stop_at_step)
 
-    step_fn = torch.compile(pretrain_step) if args.compile else pretrain_step
+    step_fn, compile_report = compile_step(args.accum_iter) if args.compile else (pretrain_step, None)
     print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
     start_time = time.time()
     for epoch in range(start_epoch, args.epochs):
@@ -179,6 +198,8 @@ def main(args):
         if done == args.steps_per_epoch:
             remaining = (time.time() - epoch_start) * (args.epochs - epoch - 1)
             print(f"Epoch {epoch} done; about {datetime.timedelta(seconds=int(remaining))} left")
+        if compile_report:
+            print(compile_report())
         if should_stop(epoch * args.steps_per_epoch + done):
             print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; "
                   f"{os.path.join(args.output_dir, 'checkpoint-last.pth')} resumes here")
