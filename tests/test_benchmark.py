@@ -85,6 +85,7 @@ def run_gpu_check(cmd, tmp_path, env=None):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
+@pytest.mark.slow
 def test_gpu_check_on_cpu_writes_each_part_to_the_json_in_gpu_check_dir_and_prints_one_table(tmp_path):
     proc = run_gpu_check([sys.executable, "tools/gpu_check.py", *CHECK_FLAGS, "--no_compile"], tmp_path,
                          env={"GPU_CHECK_DIR": str(tmp_path / "check")})
@@ -107,6 +108,7 @@ def test_gpu_check_on_cpu_writes_each_part_to_the_json_in_gpu_check_dir_and_prin
     assert "flash_attention_for_cpu" in table[1] and "input pipeline, images/s per DataLoader worker" in proc.stdout
 
 
+@pytest.mark.slow
 def test_gpu_check_without_a_gpu_passes_and_says_what_it_skipped(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: make gpu-check would run the real check")
@@ -132,6 +134,7 @@ def test_gpu_check_fails_when_nvidia_smi_lists_a_gpu_torch_cannot_use(tmp_path):
     assert report["nvidia_smi"] == ["GPU 0: NVIDIA H200 (UUID: GPU-0)"] and report["torch_sees_cuda"] is False
 
 
+@pytest.mark.slow
 def test_a_part_over_its_time_limit_costs_that_part_only(monkeypatch, tmp_path):
     # One second is too short for a child to import torch and build the model: both steps time out and are killed,
     # and the pipeline after them still runs.
