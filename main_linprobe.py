@@ -79,7 +79,7 @@ def main(args):
     ckpt_path = None if args.eval else find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)
     model = build_model(args, pretrained=not (args.eval or ckpt_path)).to(device)
     if args.distributed:
-        model = convert_sync_batchnorm(model, device)  # the probe's BatchNorm sees the global batch
+        model = convert_sync_batchnorm(model)  # the probe's BatchNorm sees the global batch
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: {n_parameters} trainable parameters (the head)")
     if args.eval:

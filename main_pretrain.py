@@ -163,7 +163,7 @@ def main(args):
     student.to(device)
     model = student
     if args.distributed:
-        student = model = convert_sync_batchnorm(student, device)  # per-view BN statistics over all ranks
+        student = model = convert_sync_batchnorm(student)  # per-view BN statistics over all ranks
         model = wrap_ddp(model, args, device)
     print(f"student: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
           f"parameters" + (", with an EMA teacher" if is_lut else ""))

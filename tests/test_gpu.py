@@ -15,7 +15,7 @@ import torch.distributed as dist
 from engine_pretrain import build_optimizer, pretrain_step
 from models_lut import LUT
 from runs import MICRO_PRETRAIN, assert_same_training_state, run
-from util.batchnorm import convert_sync_batchnorm
+from util.batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
 
 # The cases `make gpu-check` runs (pytest -m cuda): marked, and skipped where torch sees no GPU.
 CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
@@ -78,14 +78,14 @@ def free_port():
 
 @needs_cuda
 def test_sync_batchnorm_with_one_nccl_rank_equals_batchnorm():
-    # With one rank torch's SyncBatchNorm normalises like BatchNorm1d: this checks the conversion and the path under
-    # an NCCL group (shared parameters, buffers, outputs, gradients), not the reduction across ranks.
+    # In a process group SyncBatchNorm1d reduces its statistics with NCCL even for one rank: this checks that path on
+    # the GPU (parameters, buffers, outputs, gradients); tests/test_util.py checks the reduction across gloo ranks.
     device = torch.device("cuda")
     student, teacher, views, noise = tiny_lut(device)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
-        synced = convert_sync_batchnorm(copy.deepcopy(student), device)
-        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+        synced = convert_sync_batchnorm(copy.deepcopy(student))
+        assert any(isinstance(m, SyncBatchNorm1d) for m in synced.modules())
         outs = []
         for model in (student, synced):
             out = model(*views, mask_ratio=0.75, noise=noise)

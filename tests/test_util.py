@@ -289,7 +289,7 @@ def test_convert_sync_batchnorm_keeps_keys_parameters_and_buffers():
     before = {k: v.clone() for k, v in head.state_dict().items()}
     weight = head[1].weight
     model = nn.ModuleDict({"projector": head})
-    converted = convert_sync_batchnorm(model, "cpu")
+    converted = convert_sync_batchnorm(model)
     assert type(converted["projector"][1]) is SyncBatchNorm1d
     assert converted["projector"][1].weight is weight  # an optimizer built earlier still trains it
     assert not converted["projector"][1].training
@@ -371,6 +371,97 @@ def test_sync_batchnorm_two_ranks_with_half_batches_equal_one_rank_with_full_bat
             for k, v in ref.state_dict().items():  # running mean, unbiased running var, num_batches_tracked
                 close(res[name]["state"][k], v)
             close(res[name]["y_eval"], y_eval[share])
+
+
+def _ddp_worker(rank, world_size, port, out_dir):
+    """Three SGD steps of a small MLP under DDP on this rank's half of each batch: as util.dist.wrap_ddp wraps it
+    (gradients as bucket views), with --ddp_bf16_grads, and as plain DDP (its own gradient tensors)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    dist_util.init_distributed(argparse.Namespace(device="cpu"))
+    results = {}
+    for name in ("wrap_ddp", "bf16_grads", "plain"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4))
+        if name == "plain":
+            ddp = DistributedDataParallel(model)
+        else:
+            ddp = dist_util.wrap_ddp(model, argparse.Namespace(distributed=True, ddp_bf16_grads=name == "bf16_grads"),
+                                     torch.device("cpu"))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        generator = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            ddp(torch.randn(8, 6, generator=generator)).square().mean().backward()
+            storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        results[name] = {"state": model.state_dict(), "grad_storages": len(storages)}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_gradients_are_bucket_views_with_the_same_result_and_bf16_all_reduce_is_opt_in(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for res in ranks:
+        assert res["wrap_ddp"]["grad_storages"] == 1  # the 4 gradients share DDP's one bucket
+        assert res["plain"]["grad_storages"] == 4
+        for k, v in res["plain"]["state"].items():
+            assert torch.equal(res["wrap_ddp"]["state"][k], v), k  # bucket views change no number
+            torch.testing.assert_close(res["bf16_grads"]["state"][k], v, rtol=1e-2, atol=1e-3)
+        assert any(not torch.equal(res["bf16_grads"]["state"][k], v) for k, v in res["plain"]["state"].items())
+    assert all(torch.equal(ranks[0]["bf16_grads"]["state"][k], v) for k, v in ranks[1]["bf16_grads"]["state"].items())
+
+
+# ---------------------------------------------------------------- CPU cores and DataLoader workers
+
+@pytest.mark.parametrize("environ, affinity, cores", [
+    ({}, 16, 16),  # one process: every core it may run on
+    ({"LOCAL_WORLD_SIZE": "8"}, 96, 12),  # torchrun: 8 local ranks share the launcher's cores
+    ({"LOCAL_WORLD_SIZE": "8"}, 4, 1),
+    ({"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "10"}, 10, 10),  # srun binds each task to its cores
+    ({"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "10"}, 80, 10),  # srun without binding: the node's cores
+    ({"SLURM_CPUS_PER_TASK": "10"}, 80, 80),  # the batch script itself, outside srun
+])
+def test_cpu_cores_per_rank_come_from_the_affinity_the_local_ranks_and_slurm(monkeypatch, environ, affinity, cores):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    assert dist_util.cpu_cores_per_rank(environ) == cores
+
+
+def test_default_workers_leave_cores_to_the_main_process_and_say_so(monkeypatch, capsys):
+    monkeypatch.setattr(builtins, "print", builtins.print)  # set_num_workers prints through the rank-0 print
+    assert [dist_util.default_num_workers(c) for c in (1, 2, 3, 10, 12)] == [1, 1, 1, 8, 10]
+    import util.run
+    monkeypatch.setattr(util.run, "cpu_cores_per_rank", lambda: 10)
+    args = argparse.Namespace(num_workers=None)
+    util.run.set_num_workers(args)
+    assert args.num_workers == 8 and "10 CPU cores per rank, 8 DataLoader workers per rank" in capsys.readouterr().out
+    util.run.set_num_workers(args := argparse.Namespace(num_workers=10))
+    out = capsys.readouterr().out
+    assert args.num_workers == 10 and "WARNING: --num_workers 10 and the main process share 10 CPU cores: use " \
+        "--num_workers 8" in out
+    util.run.set_num_workers(argparse.Namespace(num_workers=9))  # 9 workers and the main process fit 10 cores
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_cpus_per_task_default_is_the_smallest_node_of_the_partition_over_its_gpus(monkeypatch):
+    submit = pytest.importorskip("util.submit")
+    calls = []
+
+    def sinfo(cmd, **kwargs):
+        calls.append(cmd)
+        rows = ["96 gpu*", "128+ gpu*", "16 cpu"]  # sinfo --format="%c %P": one row per node group
+        if "--partition" in cmd:
+            rows = [row for row in rows if row.split()[1].rstrip("*") == cmd[cmd.index("--partition") + 1]]
+        return subprocess.CompletedProcess(cmd, 0, stdout="".join(row + "\n" for row in rows))
+    monkeypatch.setattr(subprocess, "run", sinfo)
+    assert submit.partition_cpus_per_task(None, 8) == 12  # the default partition (gpu*): min(96, 128) // 8
+    assert submit.partition_cpus_per_task("cpu", 4) == 4 and calls[-1][-2:] == ["--partition", "cpu"]
+
+    def missing(cmd, **kwargs):
+        raise FileNotFoundError("sinfo")
+    monkeypatch.setattr(subprocess, "run", missing)
+    assert submit.partition_cpus_per_task(None, 8) is None
 
 
 # ---------------------------------------------------------------- launcher mapping

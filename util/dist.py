@@ -38,8 +38,9 @@ def launcher_env(env, first_host=slurm_first_host):
 
 def init_distributed(args):
     """Join the launcher's process group (nccl for --device cuda, else gloo; none for one process); sets args.rank,
-    args.world_size, args.gpu (the CUDA device index, see cuda_index), args.distributed. A rank waits --dist_timeout minutes for the others in any collective.
-    MAE's --local_rank, --world_size (checked) and --dist_url are honoured. Only rank 0 prints afterwards."""
+    args.world_size, args.gpu (the CUDA device index, see cuda_index), args.distributed. A rank waits --dist_timeout
+    minutes for the others in any collective. MAE's --local_rank, --world_size (checked) and --dist_url are
+    honoured. Only rank 0 prints afterwards."""
     layout = launcher_env(os.environ)
     if layout is None and int(os.environ.get("SLURM_NTASKS", 1)) > 1:
         print(f"A SLURM allocation of {os.environ['SLURM_NTASKS']} tasks, but this process was not started by srun: "
@@ -107,10 +108,34 @@ def local_device(args):
     return torch.device("cuda", args.gpu) if args.device.startswith("cuda") else torch.device(args.device)
 
 
+def cpu_cores_per_rank(environ=os.environ):
+    """The CPU cores this process has for itself: those it may run on (its affinity: the job's cgroup, srun's
+    binding), shared with the other local ranks under torchrun, at most SLURM's --cpus-per-task in an srun task."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if "LOCAL_WORLD_SIZE" in environ:  # torchrun: its local ranks inherit the same affinity
+        return max(1, cores // int(environ["LOCAL_WORLD_SIZE"]))
+    if "SLURM_STEP_ID" in environ and "SLURM_CPUS_PER_TASK" in environ:  # without binding, a task sees the node
+        return min(cores, int(environ["SLURM_CPUS_PER_TASK"]))
+    return cores
+
+
+def default_num_workers(cores):
+    """DataLoader workers for a rank with `cores` cores: all but one for the main process, which queues the GPU's
+    work, and one for the pin-memory thread and the rest of the system; at least one."""
+    return max(1, cores - 2)
+
+
 def wrap_ddp(model, args, device):
+    """DDP with the gradients as views into its all-reduce buckets (no second copy of them); --ddp_bf16_grads
+    all-reduces them in bf16 (half the traffic between nodes, other numerics)."""
     if not args.distributed:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                  gradient_as_bucket_view=True)
+    if getattr(args, "ddp_bf16_grads", False):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+        ddp.register_comm_hook(None, bf16_compress_hook)
+    return ddp
 
 
 def autocast(device, amp):

@@ -12,8 +12,8 @@ import time
 import torch
 
 from util.checkpoint import finish_epoch, load_checkpoint
-from util.dist import (all_reduce_sum, destroy_distributed, init_distributed, is_main_process, launcher_world_size,
-                       local_device)
+from util.dist import (all_reduce_sum, cpu_cores_per_rank, default_num_workers, destroy_distributed,
+                       init_distributed, is_main_process, launcher_world_size, local_device)
 from util.logging import create_tb_writer
 
 _output_lock = None  # the open lock file of this process's output folder, held until the process ends
@@ -28,7 +28,8 @@ def add_run_args(parser, training=True):
     group.add_argument("--amp", default=None, choices=["bf16", "fp16", "none"],
                        help="autocast precision (default bf16 on CUDA, none on CPU); fp16 uses a grad scaler")
     group.add_argument("--seed", default=0, type=int)
-    group.add_argument("--num_workers", default=10, type=int, help="data-loading processes per GPU")
+    group.add_argument("--num_workers", default=None, type=int,
+                       help="data-loading processes per GPU (default: this rank's CPU cores minus 2, at least 1)")
     group.add_argument("--pin_mem", action="store_true", help="pin CPU memory for faster host-to-GPU copies")
     group.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
     group.set_defaults(pin_mem=True)
@@ -39,6 +40,8 @@ def add_run_args(parser, training=True):
     group.add_argument("--world_size", default=None, type=int, help="processes in the job (set by the launcher)")
     group.add_argument("--dist_url", default="env://", help="process-group rendezvous (default: the launcher's)")
     if training:
+        group.add_argument("--ddp_bf16_grads", action="store_true",
+                           help="all-reduce gradients in bf16: half the traffic between nodes, but other numerics")
         group.add_argument("--resume", default="", help="checkpoint to resume from")
         group.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
                            help="do not resume from output_dir/checkpoint-last.pth when it exists")
@@ -68,17 +71,31 @@ def check_run_args(args):
         if getattr(args, name, 1) < 1:
             raise SystemExit(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("num_workers", "warmup_epochs", "max_unreadable"):
-        if getattr(args, name, 0) < 0:
+        if (getattr(args, name, 0) or 0) < 0:
             raise SystemExit(f"--{name} must not be negative, got {getattr(args, name)}")
     if getattr(args, "resume", "") and not os.path.isfile(args.resume):
         raise SystemExit(f"--resume {args.resume} is not a checkpoint file")
 
 
 def start_run(args):
-    """Check the run flags, join the launcher's process group and return this process's torch.device."""
+    """Check the run flags, join the launcher's process group, set the workers and return this process's
+    torch.device."""
     check_run_args(args)
     init_distributed(args)
+    set_num_workers(args)
     return local_device(args)
+
+
+def set_num_workers(args):
+    """Fill the --num_workers default from this rank's CPU cores, say both, and warn when the workers and the main
+    process outnumber the cores: then they take turns, and the GPU waits for data."""
+    cores = cpu_cores_per_rank()
+    if args.num_workers is None:
+        args.num_workers = default_num_workers(cores)
+    print(f"{cores} CPU cores per rank, {args.num_workers} DataLoader workers per rank")
+    if args.num_workers + 1 > cores and args.num_workers > default_num_workers(cores):
+        print(f"WARNING: --num_workers {args.num_workers} and the main process share {cores} CPU cores: use "
+              f"--num_workers {default_num_workers(cores)}, or give each rank more cores (SLURM: --cpus-per-task)")
 
 
 def take_output_dir(args):

@@ -8,7 +8,9 @@ import argparse
 import copy
 import importlib
 import os
+import re
 import shlex
+import subprocess
 
 import submitit
 
@@ -30,7 +32,9 @@ def get_cluster_parser():
     group.add_argument("--comment", default=None)
     group.add_argument("--job_dir", default="",
                        help="folder for submitit's logs and pickles (default: output_dir/submitit); %%j = job id")
-    group.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per task (data loading workers)")
+    group.add_argument("--cpus_per_task", default=None, type=int,
+                       help="CPU cores per task, for its data-loading workers (default: the cores of the partition's "
+                            "smallest node over --ngpus, from sinfo; 10 where sinfo cannot tell)")
     group.add_argument("--mem_gb", default=None, type=int, help="memory per node (default: 40 GB per task)")
     group.add_argument("--signal_delay_s", default=120, type=int,
                        help="SIGUSR2 comes this long before the time limit (SLURM may send it up to 60 s earlier): "
@@ -65,6 +69,22 @@ class Trainer:
         return submitit.helpers.DelayedSubmission(Trainer(self.entry, self.args))
 
 
+def partition_cpus_per_task(partition, ngpus):
+    """The cores of the partition's smallest node (sinfo's %c; SLURM's default partition for None) over `ngpus`
+    tasks, or None where sinfo cannot tell."""
+    try:
+        out = subprocess.run(["sinfo", "--noheader", "--format=%c %P"] + (["--partition", partition] if partition
+                                                                           else []),
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    rows = [line.split() for line in out.splitlines() if len(line.split()) == 2]
+    if partition is None:  # the default partition is the one marked with a *
+        rows = [row for row in rows if row[1].endswith("*")]
+    cpus = [int(re.match(r"\d+", row[0]).group()) for row in rows if re.match(r"\d+", row[0])]  # "64" or "64+"
+    return max(1, min(cpus) // ngpus) if cpus else None
+
+
 def submit(entry, argv=None):
     """Parse `entry`'s flags plus the SLURM flags from argv (default sys.argv) and submit `entry`.main(args)."""
     entry_parser, cluster_parser = importlib.import_module(entry).get_args_parser(), get_cluster_parser()
@@ -79,6 +99,12 @@ def submit(entry, argv=None):
     if not os.path.exists(args.data_path):
         raise SystemExit(f"--data_path {args.data_path} does not exist here (the compute nodes need the same path)")
     on_gpu = args.device.startswith("cuda")
+    if cluster.cpus_per_task is None:
+        cpus = partition_cpus_per_task(cluster.partition, cluster.ngpus)
+        cluster.cpus_per_task = cpus or 10
+        print(f"--cpus_per_task {cluster.cpus_per_task}: " + (
+            f"the cores of partition {cluster.partition or '(default)'}'s smallest node over {cluster.ngpus} tasks"
+            if cpus else "sinfo did not tell the cores of a node"))
     executor = submitit.SlurmExecutor(folder=cluster.job_dir or os.path.join(args.output_dir, "submitit"),
                                       max_num_timeout=cluster.max_num_timeout)
     executor.update_parameters(
