@@ -141,8 +141,8 @@ def main(args):
 
     peak = datasheet_peak(report["device"]) if device == "cuda" else None
     report["peak_flops_per_s"] = peak
-    report["peak_source"] = ("the data sheet's dense bf16 peak" if peak else
-                             "no peak: a GPU missing from DATASHEET_BF16_TFLOPS" if device == "cuda" else "no peak: CPU")
+    report["peak_source"] = ("the data sheet's dense bf16 peak" if peak else "no peak: CPU" if device != "cuda" else
+                             "no peak: a GPU missing from DATASHEET_BF16_TFLOPS")
     argv = ["--model", args.model, "--batch_size", str(args.batch_size), "--input_size", str(args.input_size),
             "--patch_size", str(args.patch_size), "--head_mlp_dim", str(args.head_mlp_dim), "--device", device,
             "--amp", "bf16", "--num_images", str(args.num_images), "--warmup", str(args.warmup),

@@ -27,10 +27,10 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     """nn.BatchNorm1d on [N, C] or [N, C, L] whose training-mode mean / var are those of the batch of all ranks; the
     state-dict keys are BatchNorm1d's, so checkpoints load into either.
 
-    Without a process group, or when it uses running stats, it is exactly nn.BatchNorm1d. Across ranks it makes no host sync
-    (two all-reduces of C + 1 and C numbers, no data-dependent branch), so the CPU keeps queueing GPU work; a global
-    batch of one sample, for which BatchNorm is undefined, is refused by the scripts before training. Gradients
-    follow torch.nn.SyncBatchNorm (the differentiable all_reduce sums them over ranks in backward): each rank's input
+    Without a process group, or when it uses running stats, it is exactly nn.BatchNorm1d. Across ranks it makes no
+    host sync (two all-reduces of C + 1 and C numbers, no data-dependent branch), so the CPU keeps queueing GPU work;
+    a global batch of one sample, for which BatchNorm is undefined, is refused by the scripts before training.
+    Gradients follow torch.nn.SyncBatchNorm (the all-reduce sums them over ranks in backward): each rank's input
     gradient is that of the sum of all ranks' losses, so DDP-averaged parameters get the gradient of the mean loss.
     """
 
