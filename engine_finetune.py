@@ -7,7 +7,7 @@ import time
 import torch
 from timm.utils import accuracy
 
-from util.augment import eval_transform
+from util.augment import eval_transform, normalize
 from util.checkpoint import load_training_state, save_epoch
 from util.datasets import ResumableDistributedSampler, build_imagefolder, check_images, check_unreadable, rank_shard
 from util.dist import all_reduce_sum, autocast, wrap_ddp
@@ -84,7 +84,7 @@ def train_one_epoch(model, criterion, data_loader, optimizer, scaler, device, ep
             break
         if it % accum == 0:
             logger.set(lr=adjust_learning_rate(optimizer, epoch + it / iters, args))
-        samples = samples.to(device, non_blocking=True)
+        samples = normalize(samples.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
@@ -124,7 +124,7 @@ def evaluate(model, data_loader, device, amp="none", reduce=False, classes=None,
     # loss sum, top-1 hits, top-5 hits, images; float64 keeps the counts exact.
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for images, targets in MetricLogger(header=header, print_freq=50).log_every(data_loader):
-        images = images.to(device, non_blocking=True)
+        images = normalize(images.to(device, non_blocking=True))
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
             output = model(images)

@@ -1,6 +1,7 @@
 """Counting host syncs on any device: the ops after which, on a GPU, the CPU waits for the GPU to finish all queued
-work (a tensor's value read on the host: .item(), float(), a truth value; an output whose size depends on the data:
-nonzero, boolean-mask indexing, masked_select, unique; torch.equal, which returns a Python bool).
+work (a tensor's value read on the host: .item(), float(), a truth value, .tolist(), .cpu(); an output whose size
+depends on the data: nonzero, boolean-mask indexing, masked_select, unique; torch.equal, which returns a Python bool;
+a tensor made from Python data, torch.tensor([...]), which a GPU receives by a blocking copy).
 
 On the CPU the same ops run, so a CPU test that counts them counts the syncs a GPU run would make:
 
@@ -17,8 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 TORCH = os.path.dirname(torch.__file__)  # torch's own frames are left out of the recorded stacks
 aten = torch.ops.aten
+# lift_fresh: a tensor made from Python data (torch.tensor([...])), on a GPU a blocking host-to-device copy.
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.nonzero_static, aten.masked_select, aten.equal,
-            aten.unique_consecutive, aten._unique2, aten.unique_dim, aten.repeat_interleave}
+            aten.unique_consecutive, aten._unique2, aten.unique_dim, aten.repeat_interleave, aten.lift_fresh}
 
 
 def _is_boolean_mask_index(func, args):

@@ -42,11 +42,12 @@ def test_the_counter_sees_each_kind_of_host_sync():
         torch.equal(x, x)
         x.tolist()
         x.cpu()
+        torch.tensor([1.0, 2.0])
         y = x * 2 + 1  # no sync: arithmetic, indexing by position, reductions into tensors
         y[1:3].mean()
     ops = [op for op, _ in counter.syncs]
     assert ops == ["aten._local_scalar_dense"] * 3 + ["aten.nonzero", "aten.index", "aten.equal", "Tensor.tolist",
-                                                      "Tensor.cpu"]
+                                                      "Tensor.cpu", "aten.lift_fresh"]
     assert counter.syncs[0][1][-1].startswith("test_the_counter_sees_each_kind_of_host_sync (test_syncs.py:")
     assert torch.Tensor.tolist is tolist  # the Tensor methods are restored on exit
 

@@ -15,7 +15,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_lut  # noqa: E402
-from util.augment import eval_transform  # noqa: E402
+from util.augment import eval_transform, normalize  # noqa: E402
 from util.checkpoint import load_checkpoint, normalize_pretrained, saved_args  # noqa: E402
 from util.datasets import find_images, load_image  # noqa: E402
 
@@ -141,7 +141,7 @@ def image_batches(paths, model, args):
     """Evaluation views (resize, centre crop, ImageNet mean / std) of `paths`, [b, 3, S, S] batches on args.device."""
     transform = eval_transform(model.patch_embed.img_size[0])
     for i in range(0, len(paths), args.batch_size):
-        yield torch.stack([transform(load_image(p)) for p in paths[i:i + args.batch_size]]).to(args.device)
+        yield normalize(torch.stack([transform(load_image(p)) for p in paths[i:i + args.batch_size]]).to(args.device))
 
 
 def denormalize(imgs):

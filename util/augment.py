@@ -1,8 +1,12 @@
 """Image augmentations for pre-training (docs/method.md, section 5) and evaluation.
 
-RGB PIL image -> float tensor [3, input_size, input_size], ImageNet-normalised. Every random choice draws from torch's
-CPU RNG (never python's `random`), so PretrainDataset can make each augmentation a pure function of its seed.
+RGB PIL image -> uint8 tensor [3, input_size, input_size]: a quarter of float32's bytes through the workers' shared
+memory, the pin-memory thread and the host-to-GPU copy. `normalize` turns a batch of them into ImageNet-normalised
+float32 on the device, exactly as torchvision's ToTensor + Normalize would have in the worker. Every random choice
+draws from torch's CPU RNG (never python's `random`), so PretrainDataset can make each augmentation a pure function
+of its seed.
 """
+import functools
 import math
 
 import torch
@@ -12,7 +16,24 @@ from PIL import ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 BICUBIC = T.InterpolationMode.BICUBIC
-TO_NORMALIZED_TENSOR = [T.ToTensor(), T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
+TO_UINT8 = [T.PILToTensor()]
+
+
+def normalize(images):
+    """uint8 images [..., 3, H, W] on any device -> float32 / 255, minus ImageNet's mean, over its std: bitwise what
+    ToTensor + Normalize compute. Float images (timm's fine-tuning transforms normalise in the worker) pass as they
+    are."""
+    if images.dtype != torch.uint8:
+        return images
+    mean, std = _mean_std(images.device)
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+@functools.cache
+def _mean_std(device):
+    # Made once per device: a tensor from Python numbers is a blocking host-to-device copy on a GPU.
+    return (torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(3, 1, 1))
 
 
 class OneOf(T.RandomChoice):
@@ -33,7 +54,7 @@ class GaussianBlur:
 
 
 class LUTTwoViews:
-    """The two LUT views of one image -> (view1, view2), each [3, input_size, input_size].
+    """The two LUT views of one image -> (view1, view2), each uint8 [3, input_size, input_size].
 
     Both: resize the shorter side to `input_size`, random crop with 4-pixel reflect padding, horizontal flip — LUT
     deliberately avoids RandomResizedCrop. View 1 stays photometrically clean because it is also the reconstruction
@@ -45,13 +66,13 @@ class LUTTwoViews:
         # each view, with half the resampling work (the largest cost after decoding).
         self.resize = T.Resize(input_size, interpolation=BICUBIC)
         crop_and_flip = [T.RandomCrop(input_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
-        self.view1 = T.Compose(crop_and_flip + TO_NORMALIZED_TENSOR)
+        self.view1 = T.Compose(crop_and_flip + TO_UINT8)
         self.view2 = T.Compose(crop_and_flip + [
             T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
             # Threshold 128 (of 255) as in BYOL and the LUT authors' code: pixels >= 128 are inverted.
             OneOf([T.Grayscale(num_output_channels=3), T.RandomSolarize(threshold=128, p=1.0),
                    GaussianBlur(sigma=(0.1, 2.0))]),
-        ] + TO_NORMALIZED_TENSOR)
+        ] + TO_UINT8)
 
     def __call__(self, img):
         img = self.resize(img)
@@ -77,14 +98,13 @@ class RandomResizedCrop(T.RandomResizedCrop):
 
 def linprobe_transform(input_size):
     """MAE's linear-probe training view: its RandomResizedCrop (bicubic, scale 0.08-1) + flip."""
-    return T.Compose([RandomResizedCrop(input_size, interpolation=BICUBIC), T.RandomHorizontalFlip()]
-                     + TO_NORMALIZED_TENSOR)
+    return T.Compose([RandomResizedCrop(input_size, interpolation=BICUBIC), T.RandomHorizontalFlip()] + TO_UINT8)
 
 
 def mae_transform(input_size):
     """MAE pre-training crop: RandomResizedCrop (bicubic, scale 0.2-1) + flip."""
     return T.Compose([T.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=BICUBIC),
-                      T.RandomHorizontalFlip()] + TO_NORMALIZED_TENSOR)
+                      T.RandomHorizontalFlip()] + TO_UINT8)
 
 
 def eval_crop_pct(input_size):
@@ -95,4 +115,4 @@ def eval_crop_pct(input_size):
 def eval_transform(input_size):
     """Resize the shorter side to int(input_size / eval_crop_pct) (bicubic), centre crop input_size."""
     return T.Compose([T.Resize(int(input_size / eval_crop_pct(input_size)), interpolation=BICUBIC),
-                      T.CenterCrop(input_size)] + TO_NORMALIZED_TENSOR)
+                      T.CenterCrop(input_size)] + TO_UINT8)

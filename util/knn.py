@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from util.augment import eval_transform
+from util.augment import eval_transform, normalize
 from util.datasets import build_imagefolder, rank_shard
 from util.dist import all_reduce_sum, autocast, get_rank, get_world_size
 
@@ -23,7 +23,7 @@ def extract_features(model, loader, device, pool="token", amp="none"):
     features, labels = [], []
     for images, targets in loader:
         with autocast(device, amp):
-            tokens = encode(images.to(device, non_blocking=True))
+            tokens = encode(normalize(images.to(device, non_blocking=True)))
         pooled = tokens[:, 0] if pool == "token" else tokens[:, 1:].mean(dim=1)
         features.append(F.normalize(pooled.float(), dim=-1))
         labels.append(targets.to(device, non_blocking=True))
