@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -63,6 +64,52 @@ def test_a_run_killed_at_any_file_event_restarts_to_the_uninterrupted_outputs(sc
     cmd = [*(PRETRAIN if script == "pretrain" else FINETUNE), "--data_path", small_demo, "--output_dir", tmp_path]
     killed = run(cmd, check=False, env={"KILL_AT": kill})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run(cmd)
+    assert_same_outputs(uninterrupted[script], tmp_path)
+
+
+# A micro script whose background write of the first `name` waits until training has gone on `steps` optimizer
+# steps, writes part of the file and SIGKILLs the process: argv script, name, steps, the script's flags.
+KILL_IN_FLIGHT = textwrap.dedent("""
+    import os, runpy, signal, sys, time
+    import torch
+    import util.checkpoint
+    script, name, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    sys.argv = [script, *sys.argv[4:]]
+    done, step = [0], torch.amp.GradScaler.step
+
+    def counted(self, *args, **kwargs):
+        done[0] += 1
+        return step(self, *args, **kwargs)
+
+    def killed_mid_write(f):
+        f.write(b"part of a file")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def write_atomically(path, fn, write=util.checkpoint.write_atomically):
+        if os.path.basename(path) != name:
+            return write(path, fn)
+        start, deadline = done[0], time.time() + 60
+        while done[0] < start + steps:
+            if time.time() > deadline:
+                os._exit(3)  # training did not go on while the write was in flight
+            time.sleep(0.01)
+        write(path, killed_mid_write)
+
+    torch.amp.GradScaler.step, util.checkpoint.write_atomically = counted, write_atomically
+    runpy.run_path(script, run_name="__main__")
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, name", [("pretrain", "checkpoint-last.pth"), ("pretrain", "checkpoint-0.pth"),
+                                          ("pretrain", "log.txt"), ("finetune", "checkpoint-best.pth")])
+def test_a_run_killed_mid_write_while_training_goes_on_restarts_to_the_uninterrupted_outputs(script, name, small_demo,
+                                                                                          uninterrupted, tmp_path):
+    cmd = [*(PRETRAIN if script == "pretrain" else FINETUNE), "--data_path", small_demo, "--output_dir", tmp_path]
+    killed = run([sys.executable, "-c", KILL_IN_FLIGHT, cmd[1], name, 2, *cmd[2:]], check=False)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
     run(cmd)
     assert_same_outputs(uninterrupted[script], tmp_path)
 

@@ -26,7 +26,7 @@ from runs import epoch_log
 from util import dist as dist_util
 from util.batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
 from util.checkpoint import (find_resume_checkpoint, load_checkpoint, load_training_state, normalize_pretrained,
-                             save_checkpoint, save_epoch, save_training_state)
+                             save_checkpoint, save_epoch, save_training_state, wait_for_saves)
 from util.logging import MetricLogger, NonFiniteLossError
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.rng import rng_state, set_rng_state
@@ -560,7 +560,9 @@ def slurm_task_env(monkeypatch, rank):
     has exported it, as util.submit.Trainer does."""
     submitit = pytest.importorskip("submitit")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(var, raising=False)  # restored after the test, like the variables set below
+        # setenv first: monkeypatch then restores what export() sets (delenv of an unset variable records nothing)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     for var, value in dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="gpu[07-08]",
                            SLURM_JOB_NUM_NODES="2", SLURM_NTASKS="8", SLURM_STEP_ID="0", SLURM_PROCID=str(rank),
                            SLURM_LOCALID=str(rank % 4), SLURM_NODEID=str(rank // 4)).items():
@@ -688,6 +690,7 @@ def test_epoch_outputs_of_a_run_killed_after_checkpoint_last_are_completed_once(
     record = {"train_loss": 0.5, "test_acc1": 60.0, "epoch": 1, "n_parameters": 3}
     save_training_state(str(tmp_path / "checkpoint-last.pth"), args, model, optimizer, scaler, 1, 2,
                         log_record=record, best_epoch=1)
+    wait_for_saves()  # the background write
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-best.pth", "checkpoint-last.pth", "log.txt"]
     for _ in range(2):  # the restart completes the epoch's outputs, and a second restart changes nothing
         last = tmp_path / "checkpoint-last.pth"

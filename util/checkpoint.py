@@ -1,12 +1,13 @@
-"""Checkpoints (dicts of tensors and plain values, docs/method.md): crash-safe saving, weights_only loading, the
-training state in and out, and the outputs of a finished epoch."""
+"""Checkpoints (dicts of tensors and plain values, docs/method.md): crash-safe saving, in the background during
+training, weights_only loading, the training state in and out, and the outputs of a finished epoch."""
 import argparse
+import concurrent.futures
 import contextlib
+import copy
 import json
 import os
 import pickle
 import re
-import shutil
 
 import torch
 
@@ -22,21 +23,21 @@ def save_checkpoint(state, path):
     write_atomically(path, lambda f: torch.save(state, f))
 
 
-def copy_file(src, dst):
-    with open(src, "rb") as source:
-        write_atomically(dst, lambda f: shutil.copyfileobj(source, f, 2 ** 24))
-
-
 def write_atomically(path, write):
     """write(file) into path.tmp, then rename it to `path`, which so holds its old or new content whenever the
-    process dies. A failed write (full disk, quota) removes path.tmp and stops the run in one line."""
+    process dies. A failed write (full disk, quota) removes path.tmp and stops the run in one line.
+
+    write may also be a pair (source, write): `path` becomes a hard link to the finished file `source` (the same
+    content, nothing copied), or where the file system refuses hard links, write(file) writes it."""
     path = os.fspath(path)
     tmp = path + ".tmp"
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        source, write = write if isinstance(write, tuple) else (None, write)
+        if source is None or not _hard_link(source, tmp):
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
@@ -51,9 +52,67 @@ def write_atomically(path, write):
         os.close(dir_fd)
 
 
+def _hard_link(source, link):
+    """Make `link` a second name of `source`; False where the file system refuses (FAT, some FUSE mounts). Any other
+    failure (full disk, permissions) recurs in the write made instead."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(link)  # a killed run's leftover is a hard link to a checkpoint, which writing into would change
+    try:
+        os.link(source, link)
+    except OSError:
+        return False
+    return True
+
+
+# One writer thread, so background writes reach the disk in the order they were asked for. Its thread is joined at
+# interpreter exit, so a run that dies of an exception still finishes the write in flight.
+_writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+_pending = None  # the Future of the last write handed to _writer, until wait_for_saves collects it
+
+
+def save_in_background(state, path, then=None):
+    """save_checkpoint(state, path) in the writer thread, followed there by then(the saved copy); returns once
+    `state` is copied, while training goes on. The previous background save is waited for first (one copy in
+    memory at a time), and its failure raised here."""
+    global _pending
+    wait_for_saves()
+    saved = snapshot(state)
+
+    def write():
+        save_checkpoint(saved, path)
+        if then is not None:
+            then(saved)
+    _pending = _writer.submit(write)
+
+
+def wait_for_saves():
+    """Return once this process's background saves are on disk. A failed one stops the run (SystemExit naming the
+    file) in the training thread at the first of: the next save, this call (load_checkpoint, load_training_state,
+    end_run make it)."""
+    global _pending
+    pending, _pending = _pending, None
+    if pending is not None:
+        pending.result()
+
+
+def snapshot(value):
+    """A copy of a checkpoint's state that training cannot change, tensors copied to CPU memory: a state_dict()'s
+    tensors are the parameters themselves, and optimizer.state_dict()'s the moments, which every step changes."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        copied = copy.copy(value)  # the same type and attributes (a state_dict's _metadata: module versions)
+        copied.update((k, snapshot(v)) for k, v in value.items())
+        return copied
+    if type(value) in (list, tuple):
+        return type(value)(snapshot(v) for v in value)
+    return copy.deepcopy(value)
+
+
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """torch.load(path, weights_only=True), argparse.Namespace allowed (the authors' args); anything else that needs
     unsafe unpickling is refused. mmap: map the file (to read a few entries of a large checkpoint)."""
+    wait_for_saves()  # `path` may be this process's own checkpoint, still being written
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -80,24 +139,24 @@ def find_resume_checkpoint(output_dir, resume, auto_resume):
     return resume or None
 
 
-def save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals=None, **extra):
-    """Write a resumable checkpoint on rank 0; every rank calls it. model: unwrapped; epoch_step: optimizer steps of
-    `epoch` done; totals: the logger totals, kept mid-epoch so the resumed epoch's means cover all of it; extra: more
-    entries (model_ema, max_accuracy, ...)."""
+def save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals=None, then=None, **extra):
+    """Save a resumable checkpoint; every rank calls it, rank 0 saves it in the background (save_in_background) and
+    runs then(the saved state) after it there. model: unwrapped; epoch_step: optimizer steps of `epoch` done;
+    totals: the logger totals, kept mid-epoch so the resumed epoch's means cover all of it; extra: more entries
+    (model_ema, max_accuracy, ...)."""
     rng = all_gather_object(rng_state())  # every rank's own random streams (augmentations, drop path, ...)
     if is_main_process():
         state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                  "epoch": epoch, "epoch_step": epoch_step, "rng": rng, "args": vars(args), **extra}
         if epoch_step < args.steps_per_epoch:
             state["epoch_totals"] = totals
-        save_checkpoint(state, path)
-    barrier()
+        save_in_background(state, path, then)
 
 
 def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_writer, train_stats, test_stats=None,
                is_best=False, **extra):
     """Save output_dir/checkpoint-last.pth after (part of) `epoch`; every rank calls it. At the end of an epoch it
-    also holds the epoch's log record, from which finish_epoch writes the epoch's other outputs."""
+    also holds the epoch's log record, from which finish_epoch writes the epoch's other outputs after it."""
     path = os.path.join(args.output_dir, "checkpoint-last.pth")
     if epoch_step < args.steps_per_epoch:
         save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals, **extra)
@@ -105,45 +164,49 @@ def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_wr
     record = {**{f"train_{k}": v for k, v in train_stats.items()},
               **{f"test_{k}": v for k, v in (test_stats or {}).items()}, "epoch": epoch,
               "n_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, log_record=record, **extra)
-    finish_epoch(args, record, is_best, log_writer)
+    save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, log_record=record,
+                        then=lambda state: finish_epoch(args, record, is_best, log_writer, state), **extra)
 
 
-def finish_epoch(args, record, is_best, log_writer, replay=False):
-    """A finished epoch's outputs after its checkpoint-last.pth: checkpoint-<epoch>.pth (every --save_freq epochs and
-    the last), checkpoint-best.pth, TensorBoard scalars and the log.txt line `record`; rank 0 writes.
+def finish_epoch(args, record, is_best, log_writer, state, replay=False):
+    """A finished epoch's outputs after its checkpoint-last.pth, in this order: checkpoint-<epoch>.pth (every
+    --save_freq epochs and the last) and checkpoint-best.pth, hard links to it; TensorBoard scalars; the log.txt line
+    `record`. Rank 0 runs it: in the writer thread after the save, or at a restart (open_outputs). state: the
+    checkpoint's content, written again where the file system has no hard links.
 
-    replay: a restart completes what a killed run left undone: copies older than checkpoint-last.pth are redone, the
-    scalars and log line written unless log.txt has the epoch (a kill right before the line can log scalars twice).
+    replay: a restart completes what a killed run left undone: those files older than checkpoint-last.pth are redone,
+    the scalars and log line written unless log.txt has the epoch (a kill right before the line can log scalars
+    twice).
     """
     epoch = record["epoch"]
-    if is_main_process():
-        last = os.path.join(args.output_dir, "checkpoint-last.pth")
-        names = ["checkpoint-best.pth"] if is_best else []
-        if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
-            names.append(f"checkpoint-{epoch}.pth")
-        for path in (os.path.join(args.output_dir, name) for name in names):
-            if not (replay and os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(last)):
-                copy_file(last, path)
-        log_path = os.path.join(args.output_dir, "log.txt")
-        lines = []
-        if os.path.exists(log_path):
-            with open(log_path) as f:
-                lines = f.read().splitlines()
-        if not (replay and epoch in [json.loads(line).get("epoch") for line in lines]):
-            if log_writer is not None:  # MAE's tags for the evaluation (perf/test_acc1, ...)
-                for name, value in record.items():
-                    log_writer.add_scalar(f"perf/{name}" if name.startswith("test_") else f"epoch/{name}", value, epoch)
-                log_writer.flush()
-            text = "".join(line + "\n" for line in lines + [json.dumps(record)])
-            write_atomically(log_path, lambda f: f.write(text.encode()))
-    barrier()
+    last = os.path.join(args.output_dir, "checkpoint-last.pth")
+    names = ["checkpoint-best.pth"] if is_best else []
+    if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
+        names.append(f"checkpoint-{epoch}.pth")
+    for path in (os.path.join(args.output_dir, name) for name in names):
+        if not (replay and os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(last)):
+            write_atomically(path, (last, lambda f: torch.save(state, f)))
+    log_path = os.path.join(args.output_dir, "log.txt")
+    lines = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            lines = f.read().splitlines()
+    if not (replay and epoch in [json.loads(line).get("epoch") for line in lines]):
+        # SummaryWriter takes scalars from any thread (a locked queue); the training thread's step scalars go on.
+        if log_writer is not None:  # MAE's tags for the evaluation (perf/test_acc1, ...)
+            for name, value in record.items():
+                log_writer.add_scalar(f"perf/{name}" if name.startswith("test_") else f"epoch/{name}", value, epoch)
+            log_writer.flush()
+        text = "".join(line + "\n" for line in lines + [json.dumps(record)])
+        write_atomically(log_path, lambda f: f.write(text.encode()))
 
 
 def load_training_state(path, args, model, optimizer, scaler, teacher=None):
-    """Resume weights (and the teacher's), optimizer, scaler and RNG state from a checkpoint of the same script.
-    Returns (start_epoch, start_step, logger totals, checkpoint): a mid-epoch checkpoint resumes at its step, an
-    end-of-epoch one at the next epoch; path None starts afresh."""
+    """Resume weights (and the teacher's), optimizer, scaler and RNG state from a checkpoint of the same script;
+    every rank calls it. Returns (start_epoch, start_step, logger totals, checkpoint): a mid-epoch checkpoint resumes
+    at its step, an end-of-epoch one at the next epoch; path None starts afresh."""
+    wait_for_saves()
+    barrier()  # rank 0's background save of `path` is on disk before any rank reads it
     if path is None:
         return 0, 0, None, {}
     ckpt = load_checkpoint(path)

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from util.checkpoint import finish_epoch, load_checkpoint
+from util.checkpoint import finish_epoch, load_checkpoint, wait_for_saves
 from util.dist import (all_reduce_sum, cpu_cores_per_rank, default_num_workers, destroy_distributed,
                        init_distributed, is_main_process, launcher_world_size, local_device)
 from util.logging import create_tb_writer
@@ -157,13 +157,15 @@ def open_outputs(args, ckpt_path, ckpt):
     log_writer = create_tb_writer(args.log_dir or args.output_dir)
     last = os.path.join(args.output_dir, "checkpoint-last.pth")
     own = ckpt_path and os.path.realpath(ckpt_path) == os.path.realpath(last)
-    if own and ckpt.get("log_record"):
-        finish_epoch(args, ckpt["log_record"], ckpt.get("best_epoch") == ckpt["epoch"], log_writer, replay=True)
+    if own and ckpt.get("log_record") and is_main_process():
+        finish_epoch(args, ckpt["log_record"], ckpt.get("best_epoch") == ckpt["epoch"], log_writer, ckpt, replay=True)
     return log_writer
 
 
 def end_run(log_writer, start_time, preemption):
-    """Close the logs, leave the process group and, after a preemption signal, requeue; else ignore that signal."""
+    """Wait for the background checkpoint save (raising its failure), close the logs, leave the process group (the
+    other ranks wait there for rank 0's save) and, after a preemption signal, requeue; else ignore that signal."""
+    wait_for_saves()
     if log_writer is not None:
         log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
