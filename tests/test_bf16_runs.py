@@ -98,9 +98,8 @@ def downstream(demo, pretrained, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("model, ranks", [("lut_vit_micro", 1), ("lut_vit_micro", 2), ("mae_vit_micro", 1),
-                                          ("mae_vit_micro", 2)],
-                         ids=["lut-1rank", "lut-2ranks_syncbn", "mae-1rank", "mae-2ranks"])
+@pytest.mark.parametrize("model, ranks", [("lut_vit_micro", 1), ("lut_vit_micro", 2), ("mae_vit_micro", 1)],
+                         ids=["lut-1rank", "lut-2ranks_syncbn", "mae-1rank"])
 def test_bf16_pretraining_losses_are_finite_close_to_float32_and_not_equal(pretraining, model, ranks):
     fp32, bf16 = (epoch_log(pretraining(model, ranks, amp)) for amp in ("none", "bf16"))
     assert [r["epoch"] for r in bf16] == [r["epoch"] for r in fp32] == [0, 1]
