@@ -11,6 +11,7 @@ INSTALL := $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV)/.installed)
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 DEMO_OUT ?= output_dir/demo_lut
 GPU_CHECK_DIR ?= output_dir/gpu_check
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all gpu-check clean-demo
 
@@ -32,8 +33,10 @@ demo: $(INSTALL)
 test: $(INSTALL)
 	$(PY) -m pytest -q -m "not slow"
 
+# Two pytest workers (pytest-xdist), one test file each at a time: most slow tests are single-threaded subprocess
+# runs, so two keep a 2-core CI machine busy. TEST_WORKERS=0 runs them in this process.
 test-all: $(INSTALL)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # On a CUDA machine, in at most 5 minutes: the CUDA tests, the ViT-B/16 LUT and MAE steps (bf16, eager and
 # compiled), the SDPA kernel, the input pipeline per worker (docs/performance.md). Without CUDA it skips the GPU parts
