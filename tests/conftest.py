@@ -38,3 +38,14 @@ def small_demo(demo, tmp_path_factory):
             for image in sorted(class_dir.iterdir())[:per_class + (i == 0)]:
                 (small / split / class_dir.name / image.name).symlink_to(image)
     return small
+
+
+# The longest test files first, so that pytest-xdist's workers (make test-all: one file at a time) start them early
+# and end together: the SLURM tests wait on the cluster's time limit for minutes.
+LONGEST_FIRST = ("test_slurm.py", "test_restarts.py", "test_finetune.py", "test_bf16_runs.py", "test_pretrain.py",
+                 "test_multinode.py", "test_benchmark.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
