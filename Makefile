@@ -36,7 +36,7 @@ test: $(INSTALL)
 # Two pytest workers (pytest-xdist), one test file each at a time: most slow tests are single-threaded subprocess
 # runs, so two keep a 2-core CI machine busy. TEST_WORKERS=0 runs them in this process.
 test-all: $(INSTALL)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # On a CUDA machine, in at most 5 minutes: the CUDA tests, the ViT-B/16 LUT and MAE steps (bf16, eager and
 # compiled), the SDPA kernel, the input pipeline per worker (docs/performance.md). Without CUDA it skips the GPU parts

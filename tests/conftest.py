@@ -40,10 +40,12 @@ def small_demo(demo, tmp_path_factory):
     return small
 
 
-# The longest test files first, so that pytest-xdist's workers (make test-all: one file at a time) start them early
-# and end together: the SLURM tests wait on the cluster's time limit for minutes.
-LONGEST_FIRST = ("test_slurm.py", "test_restarts.py", "test_finetune.py", "test_bf16_runs.py", "test_pretrain.py",
-                 "test_multinode.py", "test_benchmark.py")
+# The order in which make test-all's pytest-xdist workers (one file at a time, --no-loadscope-reorder) take the
+# test files: the longest first, so the two workers end together. xdist gives each worker two files at the start,
+# round robin, and one more whenever a worker has at most two tests left; the SLURM file, which waits minutes on the
+# cluster's time limit, is paired with a short file so that it holds no long one back.
+LONGEST_FIRST = ("test_slurm.py", "test_restarts.py", "test_photometric.py", "test_finetune.py", "test_bf16_runs.py",
+                 "test_pretrain.py", "test_multinode.py", "test_benchmark.py")
 
 
 def pytest_collection_modifyitems(items):
