@@ -211,6 +211,8 @@ def print_table(report, path):
         if part == "pipeline" and r["status"] == "ok":
             print("  input pipeline, images/s per DataLoader worker on this CPU: "
                   + ", ".join(f"{name} {rate:.1f}" for name, rate in r["images_per_s"].items()))
+            print(f"  LUT's device half (view 2's photometric chain, normalisation): "
+                  f"{r['device_half_s_per_batch'] * 1e3:.1f} ms per batch of {r['device_half_batch']}")
     print(f"results: {path}")
 
 
