@@ -71,17 +71,22 @@ def test_lut_views_are_uint8_of_input_size_and_normalize_gives_imagenet_normalis
 
 @pytest.mark.parametrize("name", ["lut_views", "mae", "linprobe", "eval"])
 def test_uint8_views_normalised_as_a_batch_equal_torchvision_float_pipeline_bitwise(name):
-    views = LUTTwoViews(32)
-    transform = {"lut_views": views.crop_and_flip, "mae": mae_transform(32),
-                 "linprobe": linprobe_transform(32), "eval": eval_transform(32)}[name]
-    reference = as_float_pipeline(transform)
-    images = [views.resize(random_image(60 + 7 * k, 50 + 5 * k, seed=k)) if name.startswith("lut")
-              else random_image(60 + 7 * k, 50 + 5 * k, seed=k) for k in range(4)]
+    if name == "lut_views":  # view 1; view 2 leaves the worker before its photometric chain
+        views = LUTTwoViews(32)
+        transform = lambda img: views(img)[0]  # noqa: E731
+        reference = as_float_pipeline(T.Compose([T.Resize(32, interpolation=BICUBIC), T.RandomCrop(
+            32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(), T.PILToTensor()]))
+    else:
+        transform = {"mae": mae_transform(32), "linprobe": linprobe_transform(32), "eval": eval_transform(32)}[name]
+        reference = as_float_pipeline(transform)
+    images = [random_image(60 + 7 * k, 50 + 5 * k, seed=k) for k in range(4)]
+    def seeded(pipeline, img, seed):  # one seed per image, as PretrainDataset does
+        torch.manual_seed(seed)
+        return pipeline(img)
+
     for seed in range(8):
-        torch.manual_seed(seed)
-        got = normalize(torch.stack([transform(img) for img in images]))
-        torch.manual_seed(seed)
-        want = torch.stack([reference(img) for img in images])
+        got = normalize(torch.stack([seeded(transform, img, 10 * seed + k) for k, img in enumerate(images)]))
+        want = torch.stack([seeded(reference, img, 10 * seed + k) for k, img in enumerate(images)])
         assert got.dtype == torch.float32 and torch.equal(got, want), (name, seed)
     floats = torch.randn(2, 3, 4, 4)
     assert normalize(floats) is floats  # timm's fine-tuning views arrive normalised
@@ -318,15 +323,16 @@ def photo(width, height, path):
     return str(path)
 
 
-def test_shared_resize_gives_the_views_of_resizing_in_each_view(tmp_path):
+def test_shared_resize_and_padding_give_the_views_of_torchvision_pil_crop_per_view(tmp_path):
     img = load_image(photo(300, 200, tmp_path / "a.jpg"))
     views = LUTTwoViews(64)
-    per_view = [T.Compose([T.Resize(64, interpolation=BICUBIC), *views.crop_and_flip.transforms])] * 2
+    per_view = T.Compose([T.Resize(64, interpolation=BICUBIC), T.RandomCrop(64, padding=4, padding_mode="reflect"),
+                          T.RandomHorizontalFlip(), T.PILToTensor()])
     for seed in range(8):
         torch.manual_seed(seed)
         got = views(img)
         torch.manual_seed(seed)
-        want = per_view[0](img), per_view[1](img)
+        want = per_view(img), per_view(img)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

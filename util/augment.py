@@ -11,6 +11,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -49,15 +50,16 @@ class LUTTwoViews:
     """
 
     def __init__(self, input_size):
-        # The resize is deterministic, so the two views share one: the same pixels and random draws as resizing in
-        # each view, with half the resampling work (the largest cost after decoding).
         self.resize = T.Resize(input_size, interpolation=BICUBIC)
-        self.crop_and_flip = T.Compose([T.RandomCrop(input_size, padding=4, padding_mode="reflect"),
-                                        T.RandomHorizontalFlip()] + TO_UINT8)
+        self.crop_and_flip = T.Compose([T.RandomCrop(input_size), T.RandomHorizontalFlip()])
         self.jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 
     def __call__(self, img):
-        img = self.resize(img)
+        # The resize and the padding are deterministic, so the two views share them: torchvision's
+        # RandomCrop(padding=4, padding_mode="reflect") pads and then draws the corner in the padded image, so the
+        # pixels and draws are those of each view resizing and padding its own copy, with half the resampling (the
+        # largest cost after decoding). torch pads uint8 as it is (torchvision's Pad goes through float32).
+        img = F.pad(TF.pil_to_tensor(self.resize(img)), [PAD] * 4, mode="reflect")
         return self.crop_and_flip(img), self.crop_and_flip(img), self.draw_view2_params()
 
     def draw_view2_params(self):
@@ -84,6 +86,7 @@ class LUTTwoViews:
                     **{key: torch.tensor(value, dtype=torch.float32) for key, value in params.items()})
 
 
+PAD = 4
 JITTER_P = 0.8
 BLUR_RADIUS = (0.1, 2.0)
 
