@@ -52,7 +52,8 @@ def parse_args(argv=None):
     parser.add_argument("--data_path", default=None, help="images for the input pipeline (default: synthetic JPEGs)")
     parser.add_argument("--num_images", default=60, type=int, help="images for the input pipeline (0 skips it)")
     parser.add_argument("--device_half_batch", default=128, type=int,
-                        help="batch size for timing LUT's device half (view 2's photometric chain, normalisation)")
+                        help="batch size for timing LUT's device half (view 2's photometric chain, normalisation); "
+                             "0 skips it")
     parser.add_argument("--output_json", default=None)
     # The engine's other arguments at main_pretrain's defaults, but a small constant lr: random images must not blow up.
     parser.set_defaults(w_mae=1.0, w_bc=0.25, model_ema_decay=0.996, weight_decay=0.05, lr=1e-5, seed=0, rank=0,
@@ -160,7 +161,8 @@ def measure_pipeline(args, data_path):
     torch.set_num_threads(threads)
     return dict(source=args.data_path or "synthetic JPEGs", images=len(paths), images_per_s=rates,
                 device_half_batch=args.device_half_batch,
-                device_half_s_per_batch=measure_device_half(args, samples["lut"], args.device_half_batch))
+                device_half_s_per_batch=measure_device_half(args, samples["lut"], args.device_half_batch)
+                if args.device_half_batch else None)
 
 
 def measure_device_half(args, samples, batch_size, repeats=3):
@@ -213,8 +215,9 @@ def main(args):
             report["pipeline"] = p = measure_pipeline(args, data_path)
         print(f"input pipeline, images/s per DataLoader worker ({p['images']} images, {p['source']}): "
               + ", ".join(f"{name} {rate:.1f}" for name, rate in p["images_per_s"].items()))
-        print(f"LUT's device half (view 2's photometric chain, normalisation) on {args.device}: "
-              f"{p['device_half_s_per_batch'] * 1e3:.1f} ms per batch of {p['device_half_batch']}")
+        if p["device_half_s_per_batch"] is not None:
+            print(f"LUT's device half (view 2's photometric chain, normalisation) on {args.device}: "
+                  f"{p['device_half_s_per_batch'] * 1e3:.1f} ms per batch of {p['device_half_batch']}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1, default=str)  # str: the torch.device
