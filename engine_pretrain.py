@@ -11,7 +11,7 @@ import torch
 from timm.optim import param_groups_weight_decay
 
 from models_lut import bc_loss, lut_loss
-from util.augment import normalize
+from util.augment import lut_views_on_device, normalize
 from util.datasets import check_unreadable
 from util.dist import autocast
 from util.ema import momentum_at, update_teacher
@@ -91,7 +91,9 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
             break
         if micro % accum == 0:
             logger.set(lr=adjust_learning_rate(optimizer, epoch + micro / micro_per_epoch, args))
-        views = [normalize(v.to(device, non_blocking=True)) for v in (batch if teacher is not None else [batch])]
+        # LUT's batch is (view1, view2, view 2's photometric parameters), applied here on the device.
+        views = lut_views_on_device(*batch, device) if teacher is not None else \
+            [normalize(batch.to(device, non_blocking=True))]
         noise = masking_noise(args, epoch, micro, views[0].shape[0], student.num_patches, device)
 
         last_micro = (micro + 1) % accum == 0

@@ -73,7 +73,9 @@ def test_benchmark_reports_both_models_mfu_cost_ratio_and_pipeline(tmp_path):
     assert ratio["flop_ratio"] == pytest.approx(lut["flops_per_step"] / mae["flops_per_step"])
     assert ratio["flop_ratio"] > 1  # the teacher's two full views and the student's second view
     assert report["pipeline"]["images"] == 2 and min(report["pipeline"]["images_per_s"].values()) > 0
+    assert report["pipeline"]["device_half_batch"] == 128 and report["pipeline"]["device_half_s_per_batch"] > 0
     assert "MFU" in proc.stdout and "LUT / MAE" in proc.stdout and "per DataLoader worker" in proc.stdout
+    assert "LUT's device half (view 2's photometric chain, normalisation) on cpu: " in proc.stdout
 
 
 CHECK_FLAGS = ["--device", "cpu", "--model", "lut_vit_tiny_patch16", "--input_size", "32", "--patch_size", "8",
@@ -106,6 +108,8 @@ def test_gpu_check_on_cpu_writes_each_part_to_the_json_in_gpu_check_dir_and_prin
     for line, part in zip(table[1:], parts):
         assert line.startswith(part + " ") and parts[part]["status"] in line
     assert "flash_attention_for_cpu" in table[1] and "input pipeline, images/s per DataLoader worker" in proc.stdout
+    assert parts["pipeline"]["device_half_s_per_batch"] > 0  # --device cpu given: the device half runs on the CPU
+    assert "ms per batch of 128" in proc.stdout
 
 
 @pytest.mark.slow
@@ -118,7 +122,8 @@ def test_gpu_check_without_a_gpu_passes_and_says_what_it_skipped(tmp_path):
     parts = json.loads((tmp_path / "gpu_check.json").read_text())["parts"]
     assert {part: r["status"] for part, r in parts.items() if r["status"] != "skipped"} == {"pipeline": "ok"}
     assert len(parts) == 6  # the eager and compiled ViT-B/16 LUT and MAE steps, the pipeline, the CUDA tests
-    assert proc.stdout.count("skipped: no CUDA device") == 5
+    assert parts["pipeline"]["device_half_s_per_batch"] is None  # not LUT's device half at full size on the CPU
+    assert proc.stdout.count("skipped: no CUDA device") == 6  # the 5 parts, and the device half
 
 
 def test_gpu_check_fails_when_nvidia_smi_lists_a_gpu_torch_cannot_use(tmp_path):

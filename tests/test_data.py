@@ -12,7 +12,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DistributedSampler
 
-from util.augment import (BICUBIC, GaussianBlur, LUTTwoViews, OneOf, eval_transform, linprobe_transform,
+from util.augment import (BICUBIC, LUTTwoViews, eval_transform, linprobe_transform, lut_views_on_device,
                           mae_transform, normalize)
 from util.datasets import (
     PretrainDataset,
@@ -24,6 +24,7 @@ from util.datasets import (
     find_images,
     load_image,
 )
+from util.photometric import solarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,84 +54,85 @@ def test_augmentation_is_a_pure_function_of_aug_seed(tmp_path):
     rng_before = torch.get_rng_state()
     first, again, other = ds[(0, 123)], ds[(0, 123)], ds[(0, 124)]
     assert torch.equal(torch.get_rng_state(), rng_before)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    flat = [[*views, *params.values()] for *views, params in (first, again, other)]
+    assert all(torch.equal(a, b) for a, b in zip(flat[0], flat[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(flat[0], flat[2]))
+    assert not any(torch.equal(a, b) for a, b in zip(first[:2], other[:2]))
 
 
 def test_lut_views_are_uint8_of_input_size_and_normalize_gives_imagenet_normalisation():
     grey = Image.new("RGB", (60, 40), (128, 128, 128))
-    view1, view2 = LUTTwoViews(32)(grey)
+    view1, view2, _ = LUTTwoViews(32)(grey)
     assert view1.shape == view2.shape == (3, 32, 32) and view1.dtype == view2.dtype == torch.uint8
     assert torch.equal(view1, torch.full((3, 32, 32), 128, dtype=torch.uint8))
     expected = (128 / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)
     torch.testing.assert_close(normalize(view1), expected.view(3, 1, 1).expand(3, 32, 32))
 
 
-@pytest.mark.parametrize("name", ["lut_view1", "lut_view2", "mae", "linprobe", "eval"])
+@pytest.mark.parametrize("name", ["lut_views", "mae", "linprobe", "eval"])
 def test_uint8_views_normalised_as_a_batch_equal_torchvision_float_pipeline_bitwise(name):
-    views = LUTTwoViews(32)
-    transform = {"lut_view1": views.view1, "lut_view2": views.view2, "mae": mae_transform(32),
-                 "linprobe": linprobe_transform(32), "eval": eval_transform(32)}[name]
-    reference = as_float_pipeline(transform)
-    images = [views.resize(random_image(60 + 7 * k, 50 + 5 * k, seed=k)) if name.startswith("lut")
-              else random_image(60 + 7 * k, 50 + 5 * k, seed=k) for k in range(4)]
+    if name == "lut_views":  # view 1; view 2 leaves the worker before its photometric chain
+        views = LUTTwoViews(32)
+        transform = lambda img: views(img)[0]  # noqa: E731
+        reference = as_float_pipeline(T.Compose([T.Resize(32, interpolation=BICUBIC), T.RandomCrop(
+            32, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(), T.PILToTensor()]))
+    else:
+        transform = {"mae": mae_transform(32), "linprobe": linprobe_transform(32), "eval": eval_transform(32)}[name]
+        reference = as_float_pipeline(transform)
+    images = [random_image(60 + 7 * k, 50 + 5 * k, seed=k) for k in range(4)]
+    def seeded(pipeline, img, seed):  # one seed per image, as PretrainDataset does
+        torch.manual_seed(seed)
+        return pipeline(img)
+
     for seed in range(8):
-        torch.manual_seed(seed)
-        got = normalize(torch.stack([transform(img) for img in images]))
-        torch.manual_seed(seed)
-        want = torch.stack([reference(img) for img in images])
+        got = normalize(torch.stack([seeded(transform, img, 10 * seed + k) for k, img in enumerate(images)]))
+        want = torch.stack([seeded(reference, img, 10 * seed + k) for k, img in enumerate(images)])
         assert got.dtype == torch.float32 and torch.equal(got, want), (name, seed)
     floats = torch.randn(2, 3, 4, 4)
     assert normalize(floats) is floats  # timm's fine-tuning views arrive normalised
 
 
+def lut_views(views, img, seeds):
+    """LUTTwoViews on `img` for each seed, the device half run on the batch -> normalised view1, view2, params."""
+    samples = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        samples.append(views(img))
+    view1, view2, params = torch.utils.data.default_collate(samples)
+    return *lut_views_on_device(view1, view2, params, torch.device("cpu")), params
+
+
 def test_view1_is_photometrically_clean_and_view2_is_not():
     colour = (200, 50, 100)
-    img = Image.new("RGB", (48, 40), colour)
-    views = LUTTwoViews(32)
-    changed = 0
-    for seed in range(20):
-        torch.manual_seed(seed)
-        view1, view2 = views(img)
-        # crop, flip and reflect padding cannot change a constant image; any colour op would
-        assert torch.equal(view1, torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 32, 32))
-        changed += not torch.equal(view2, view1)
-    assert changed >= 15
+    view1, view2, _ = lut_views(LUTTwoViews(32), Image.new("RGB", (48, 40), colour), range(20))
+    # crop, flip and reflect padding cannot change a constant image; any colour op would
+    assert torch.equal(view1, normalize(torch.tensor(colour, dtype=torch.uint8).view(1, 3, 1, 1).expand(20, 3, 32, 32)))
+    changed = (view2 != view1).flatten(1).any(1)
+    assert changed.sum() >= 15
 
 
 def test_view2_applies_exactly_one_of_grayscale_solarize_blur_uniformly():
-    views = LUTTwoViews(16)
-    one_of = next(t for t in views.view2.transforms if isinstance(t, OneOf))
-    assert [type(t) for t in one_of.transforms] == [T.Grayscale, T.RandomSolarize, GaussianBlur]
-    calls = []
-    one_of.transforms = [lambda img, k=k: calls.append(k) or img for k in range(3)]
-    img = random_image(16, 16)
-    for seed in range(300):
-        torch.manual_seed(seed)
-        before = len(calls)
-        views(img)
-        assert len(calls) == before + 1
-    counts = np.bincount(calls, minlength=3)
-    assert all(70 <= c <= 130 for c in counts), counts
+    _, _, params = lut_views(LUTTwoViews(16), random_image(16, 16), range(300))
+    counts = np.bincount(params["choice"].numpy(), minlength=3)
+    assert len(counts) == 3 and all(70 <= c <= 130 for c in counts), counts
+    blurred = params["radius"][params["choice"] == 2]
+    assert blurred.min() >= 0.1 and blurred.max() <= 2.0
 
 
-def test_view2_colour_jitter_changes_about_four_in_five_images():
-    views = LUTTwoViews(16)
-    one_of = next(t for t in views.view2.transforms if isinstance(t, OneOf))
-    one_of.transforms = [lambda img: img]  # jitter alone
-    img = Image.new("RGB", (16, 16), (120, 90, 60))  # crops and flips leave a constant image as it is
-    changed = 0
-    for seed in range(400):
-        torch.manual_seed(seed)
-        view1, view2 = views(img)
-        changed += not torch.equal(view2, view1)
-    assert 0.75 <= changed / 400 <= 0.85
+def test_view2_colour_jitter_applies_to_about_four_in_five_images_with_its_ranges():
+    _, _, params = lut_views(LUTTwoViews(16), random_image(16, 16), range(400))
+    jitter = params["jitter"]
+    assert 0.75 <= jitter.float().mean() <= 0.85
+    for name, (low, high) in {"brightness": (0.6, 1.4), "contrast": (0.6, 1.4), "saturation": (0.8, 1.2),
+                              "hue": (-0.1, 0.1)}.items():
+        drawn = params[name][jitter]
+        assert low <= drawn.min() and drawn.max() <= high and drawn.std() > (high - low) / 5, name
+    assert all(sorted(order.tolist()) == [0, 1, 2, 3] for order in params["order"])
 
 
 def test_solarize_inverts_pixels_from_128_up():
-    img = Image.fromarray(np.array([[[127] * 3, [128] * 3, [255] * 3]], dtype=np.uint8))
-    solarize = next(t for t in LUTTwoViews(16).view2.transforms if isinstance(t, OneOf)).transforms[1]
-    assert np.asarray(solarize(img))[0, :, 0].tolist() == [127, 127, 0]
+    img = torch.tensor([127, 128, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 1, 3)
+    assert solarize(img)[0, 0, 0].tolist() == [127, 127, 0]
 
 
 # ---------------------------------------------------------------- sampler
@@ -306,8 +308,9 @@ def test_batches_do_not_depend_on_num_workers(tmp_path):
     sampler.set_epoch(1)
     batches = [list(torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=w)) for w in (0, 2)]
     assert len(batches[0]) == len(batches[1]) == 2
-    for (a1, a2), (b1, b2) in zip(*batches):
+    for (a1, a2, a_params), (b1, b2, b_params) in zip(*batches):
         assert torch.equal(a1, b1) and torch.equal(a2, b2)
+        assert all(torch.equal(a_params[key], b_params[key]) for key in a_params)
 
 
 # ---------------------------------------------------------------- shared resize and reduced-scale JPEG decoding
@@ -320,15 +323,16 @@ def photo(width, height, path):
     return str(path)
 
 
-def test_shared_resize_gives_the_views_of_resizing_in_each_view(tmp_path):
+def test_shared_resize_and_padding_give_the_views_of_torchvision_pil_crop_per_view(tmp_path):
     img = load_image(photo(300, 200, tmp_path / "a.jpg"))
     views = LUTTwoViews(64)
-    per_view = [T.Compose([T.Resize(64, interpolation=BICUBIC), *v.transforms]) for v in (views.view1, views.view2)]
+    per_view = T.Compose([T.Resize(64, interpolation=BICUBIC), T.RandomCrop(64, padding=4, padding_mode="reflect"),
+                          T.RandomHorizontalFlip(), T.PILToTensor()])
     for seed in range(8):
         torch.manual_seed(seed)
         got = views(img)
         torch.manual_seed(seed)
-        want = per_view[0](img), per_view[1](img)
+        want = per_view(img), per_view(img)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -346,7 +350,7 @@ def test_fast_decode_changes_the_views_only_slightly(tmp_path):
     path = photo(1000, 800, tmp_path / "big.jpg")
     full, fast = PretrainDataset([path], LUTTwoViews(224)), PretrainDataset([path], LUTTwoViews(224), draft_size=224)
     for seed in range(3):
-        for a, b in zip(full[(0, seed)], fast[(0, seed)]):
+        for a, b in zip(full[(0, seed)][:2], fast[(0, seed)][:2]):
             assert a.shape == b.shape
             a, b = normalize(a), normalize(b)
             # normalised units (one 8-bit level is about 0.017): small resampling differences, same crop and flip

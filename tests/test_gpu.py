@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+import torchvision
 
 from engine_pretrain import build_optimizer, pretrain_step
 from models_lut import LUT
@@ -143,3 +144,22 @@ def test_resume_on_cuda_is_bitwise_identical(flat_images, tmp_path):
     assert "Resumed from" in pretrain(tmp_path / "resumed").stdout
     assert_same_training_state(tmp_path / "straight" / "checkpoint-last.pth",
                                tmp_path / "resumed" / "checkpoint-last.pth")
+
+
+@needs_cuda
+def test_view2_chain_on_cuda_equals_the_cpu_bitwise():
+    """util/photometric.py on the GPU: the kernels' float32 and float64 steps (IEEE division and square root, no
+    contraction across ops) give the CPU's pixels, which tests/test_photometric.py pins to PIL's."""
+    from util.augment import LUTTwoViews, lut_views_on_device
+    generator = torch.Generator().manual_seed(0)
+    views, samples = LUTTwoViews(64), []
+    for seed in range(96):
+        smooth = torch.randint(0, 256, (3, 9, 11), generator=generator, dtype=torch.uint8)
+        img = torchvision.transforms.functional.to_pil_image(smooth).resize((80, 72), 3)  # bicubic, photo-like
+        torch.manual_seed(seed)
+        samples.append(views(img))
+    batch = torch.utils.data.default_collate(samples)
+    on_cpu = lut_views_on_device(*batch, torch.device("cpu"))
+    on_cuda = lut_views_on_device(*batch, torch.device("cuda"))
+    for cpu, cuda in zip(on_cpu, on_cuda):
+        assert torch.equal(cuda.cpu(), cpu)

@@ -2,6 +2,7 @@
 and on every 8-bit input where that is cheap: each op, and the whole view-2 chain given the parameters the PIL
 chain draws from torch's RNG, match bit for bit."""
 import functools
+import time
 
 import numpy as np
 import pytest
@@ -202,3 +203,65 @@ def test_no_host_sync():
     with SyncCounter() as counter:
         list(ops(img, params))
     assert not counter.syncs, counter.report()
+
+
+PIL_LUT_VIEWS = (  # LUTTwoViews as torchvision's PIL pipeline: the shared resize, then each view's chain
+    T.Compose([T.RandomCrop(64, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]),
+    T.Compose([T.RandomCrop(64, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(), PIL_VIEW2]))
+
+
+def test_lut_views_and_their_device_half_equal_torchvision_pil_pipeline_for_every_seed():
+    """The worker half (crops, flips, parameters drawn from the seeded generator) and lut_views_on_device give
+    bitwise the normalised views of torchvision's PIL pipeline with the same seed."""
+    from util.augment import LUTTwoViews, lut_views_on_device, normalize
+    views = LUTTwoViews(64)
+    samples, refs = [], []
+    for seed in range(60):
+        img = photo(PHOTOS[seed % len(PHOTOS)], (96, 80))
+        torch.manual_seed(seed)
+        samples.append(views(img))
+        resized = TF.resize(img, 64, interpolation=T.InterpolationMode.BICUBIC)
+        torch.manual_seed(seed)
+        refs.append([to_tensor([pipeline(resized)])[0] for pipeline in PIL_LUT_VIEWS])
+    batch = torch.utils.data.default_collate(samples)
+    got = lut_views_on_device(*batch, torch.device("cpu"))
+    for k in range(2):
+        assert torch.equal(got[k], normalize(torch.stack([ref[k] for ref in refs]))), k
+
+
+def authors_two_views(input_size):
+    """The LUT authors' two-view pipeline: each view resizes, crops and flips, view 2 runs the PIL chain, both become
+    normalised float32 in the worker."""
+    def view(*photometric):
+        return T.Compose([T.Resize(input_size, interpolation=T.InterpolationMode.BICUBIC),
+                          T.RandomCrop(input_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip(),
+                          *photometric, T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    views = view(), view(PIL_VIEW2)
+    return lambda img: [v(img) for v in views]
+
+
+def test_one_lut_worker_makes_at_least_twice_the_authors_two_view_images_per_second(tmp_path):
+    """One torch thread, as a DataLoader worker has, on 500 x 375 JPEGs of scikit-image's photographs; the best of
+    three interleaved passes of each pipeline."""
+    from util.augment import LUTTwoViews
+    from util.datasets import PretrainDataset
+    paths = []
+    for i, name in enumerate(PHOTOS * 3):
+        paths.append(str(tmp_path / f"{i}.jpg"))
+        photo(name, (375, 500)).save(paths[-1], quality=90)
+    pipelines = {"ours": PretrainDataset(paths, LUTTwoViews(224)), "authors": PretrainDataset(paths,
+                                                                                             authors_two_views(224))}
+    best = dict.fromkeys(pipelines, float("inf"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(3):
+            for name, dataset in pipelines.items():
+                start = time.perf_counter()
+                for i in range(len(dataset)):
+                    dataset[(i, i)]
+                best[name] = min(best[name], time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"authors / ours: {best['authors'] / best['ours']:.2f}", best)
+    assert best["authors"] / best["ours"] >= 2, best

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_lut  # noqa: E402
 from engine_pretrain import apply_gradients, build_optimizer, masking_noise, pretrain_step  # noqa: E402
-from util.augment import LUTTwoViews, mae_transform  # noqa: E402
+from util.augment import LUTTwoViews, lut_views_on_device, mae_transform  # noqa: E402
 from util.datasets import PretrainDataset, augmentation_seed, find_images  # noqa: E402
 
 PEAK_DTYPE = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the matmul precision of each --amp
@@ -51,6 +51,9 @@ def parse_args(argv=None):
     parser.add_argument("--peak_tflops", type=float, help="the device's peak TFLOP/s for MFU (default: torch.mm's)")
     parser.add_argument("--data_path", default=None, help="images for the input pipeline (default: synthetic JPEGs)")
     parser.add_argument("--num_images", default=60, type=int, help="images for the input pipeline (0 skips it)")
+    parser.add_argument("--device_half_batch", default=128, type=int,
+                        help="batch size for timing LUT's device half (view 2's photometric chain, normalisation); "
+                             "0 skips it")
     parser.add_argument("--output_json", default=None)
     # The engine's other arguments at main_pretrain's defaults, but a small constant lr: random images must not blow up.
     parser.set_defaults(w_mae=1.0, w_bc=0.25, model_ema_decay=0.996, weight_decay=0.05, lr=1e-5, seed=0, rank=0,
@@ -139,7 +142,8 @@ def synthetic_jpegs(folder, count):
 
 
 def measure_pipeline(args, data_path):
-    """Images/s of one DataLoader worker (one torch thread) for each transform, every image loaded once."""
+    """Images/s of one DataLoader worker (one torch thread) for each transform, every image loaded once, and the
+    seconds per batch of LUT's device half on args.device."""
     paths = find_images(data_path)[:args.num_images]
     for path in paths:  # into the page cache, so that every transform starts alike
         with open(path, "rb") as f:
@@ -147,16 +151,32 @@ def measure_pipeline(args, data_path):
     transforms = {"lut": (LUTTwoViews(args.input_size), None),
                   "lut_fast_decode": (LUTTwoViews(args.input_size), args.input_size),  # as with --fast_decode
                   "mae": (mae_transform(args.input_size), None)}
-    threads, rates = torch.get_num_threads(), {}
+    threads, rates, samples = torch.get_num_threads(), {}, {}
     torch.set_num_threads(1)  # what torch gives each DataLoader worker
     for name, (transform, draft_size) in transforms.items():
         dataset = PretrainDataset(paths, transform, draft_size=draft_size)
         start = time.perf_counter()
-        for i in range(len(dataset)):
-            dataset[(i, augmentation_seed(args.seed, 0, i))]
+        samples[name] = [dataset[(i, augmentation_seed(args.seed, 0, i))] for i in range(len(dataset))]
         rates[name] = len(dataset) / (time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return dict(source=args.data_path or "synthetic JPEGs", images=len(paths), images_per_s=rates)
+    return dict(source=args.data_path or "synthetic JPEGs", images=len(paths), images_per_s=rates,
+                device_half_batch=args.device_half_batch,
+                device_half_s_per_batch=measure_device_half(args, samples["lut"], args.device_half_batch)
+                if args.device_half_batch else None)
+
+
+def measure_device_half(args, samples, batch_size, repeats=3):
+    """Seconds per batch of `batch_size` LUT samples for LUTTwoViews' device half (lut_views_on_device: view 2's
+    photometric chain, both views normalised) on args.device, the copy from pinned memory included."""
+    batch = torch.utils.data.default_collate([samples[i % len(samples)] for i in range(batch_size)])
+    if args.device.type == "cuda":  # as the DataLoader's pin_memory thread hands it over
+        view1, view2, params = batch
+        batch = view1.pin_memory(), view2.pin_memory(), {key: value.pin_memory() for key, value in params.items()}
+
+    def run():
+        lut_views_on_device(*batch, args.device)
+    run()  # warm-up
+    return seconds(run, args.device, repeats) / repeats
 
 
 def main(args):
@@ -195,6 +215,9 @@ def main(args):
             report["pipeline"] = p = measure_pipeline(args, data_path)
         print(f"input pipeline, images/s per DataLoader worker ({p['images']} images, {p['source']}): "
               + ", ".join(f"{name} {rate:.1f}" for name, rate in p["images_per_s"].items()))
+        if p["device_half_s_per_batch"] is not None:
+            print(f"LUT's device half (view 2's photometric chain, normalisation) on {args.device}: "
+                  f"{p['device_half_s_per_batch'] * 1e3:.1f} ms per batch of {p['device_half_batch']}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1, default=str)  # str: the torch.device

@@ -164,7 +164,9 @@ def main(args):
         elif kind == "cuda_tests":
             record(part, run_cuda_tests(limit(kind)))
         elif kind == "pipeline":
-            record(part, in_process(limit(kind), "pipeline", argv))
+            # Without a GPU, LUT's device half would run on the CPU at full size, for longer than the part's limit.
+            no_gpu = ["--device_half_batch", "0"] if device == "cpu" and args.device is None else []
+            record(part, in_process(limit(kind), "pipeline", argv + no_gpu))
         else:
             result = in_process(limit(kind), "step", argv + (["--peak_tflops", str(peak / 1e12)] if peak else []),
                                 name, compiled)
@@ -211,6 +213,10 @@ def print_table(report, path):
         if part == "pipeline" and r["status"] == "ok":
             print("  input pipeline, images/s per DataLoader worker on this CPU: "
                   + ", ".join(f"{name} {rate:.1f}" for name, rate in r["images_per_s"].items()))
+            half = r["device_half_s_per_batch"]
+            print("  LUT's device half (view 2's photometric chain, normalisation): "
+                  + (f"{half * 1e3:.1f} ms per batch of {r['device_half_batch']}" if half is not None else
+                     "skipped: no CUDA device"))
     print(f"results: {path}")
 
 

@@ -2,18 +2,21 @@
 
 RGB PIL image -> uint8 tensor [3, input_size, input_size]: a quarter of float32's bytes through the workers' shared
 memory, the pin-memory thread and the host-to-GPU copy. `normalize` turns a batch of them into ImageNet-normalised
-float32 on the device, exactly as torchvision's ToTensor + Normalize would have in the worker. Every random choice
-draws from torch's CPU RNG (never python's `random`), so PretrainDataset can make each augmentation a pure function
-of its seed.
+float32 on the device, exactly as torchvision's ToTensor + Normalize would have in the worker. LUT's view 2 leaves the
+worker cropped and flipped, with its photometric parameters; `lut_views_on_device` applies them to the batch with
+PIL's own arithmetic (util/photometric.py). Every random choice draws from torch's CPU RNG (never python's `random`),
+so PretrainDataset can make each augmentation a pure function of its seed.
 """
 import functools
 import math
 
 import torch
+import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import ImageFilter
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from util.photometric import apply_view2
 
 BICUBIC = T.InterpolationMode.BICUBIC
 TO_UINT8 = [T.PILToTensor()]
@@ -36,47 +39,64 @@ def _mean_std(device):
             torch.tensor(IMAGENET_DEFAULT_STD, device=device).view(3, 1, 1))
 
 
-class OneOf(T.RandomChoice):
-    """RandomChoice drawing from torch's RNG: torchvision's draws from python's `random`."""
-
-    def __call__(self, img):
-        return self.transforms[int(torch.randint(len(self.transforms), ()))](img)
-
-
-class GaussianBlur:
-    """PIL Gaussian blur whose radius is drawn uniformly from `sigma` (the BYOL / LUT view-2 blur)."""
-
-    def __init__(self, sigma=(0.1, 2.0)):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(()).uniform_(*self.sigma))))
-
-
 class LUTTwoViews:
-    """The two LUT views of one image -> (view1, view2), each uint8 [3, input_size, input_size].
+    """The worker half of the two LUT views of one image -> (view1, view2, params): view 1 and view 2 cropped and
+    flipped, uint8 [3, input_size, input_size], and view 2's photometric parameters (`draw_view2_params`), which
+    `lut_views_on_device` applies to the batch on the device.
 
-    Both: resize the shorter side to `input_size`, random crop with 4-pixel reflect padding, horizontal flip — LUT
-    deliberately avoids RandomResizedCrop. View 1 stays photometrically clean because it is also the reconstruction
-    target; view 2 adds colour jitter and one of grayscale / solarize / blur.
+    Both views: resize the shorter side to `input_size`, random crop with 4-pixel reflect padding, horizontal flip —
+    LUT deliberately avoids RandomResizedCrop. View 1 stays photometrically clean because it is also the
+    reconstruction target; view 2 adds colour jitter and one of grayscale / solarize / blur.
     """
 
     def __init__(self, input_size):
-        # The resize is deterministic, so the two views share one: the same pixels and random draws as resizing in
-        # each view, with half the resampling work (the largest cost after decoding).
         self.resize = T.Resize(input_size, interpolation=BICUBIC)
-        crop_and_flip = [T.RandomCrop(input_size, padding=4, padding_mode="reflect"), T.RandomHorizontalFlip()]
-        self.view1 = T.Compose(crop_and_flip + TO_UINT8)
-        self.view2 = T.Compose(crop_and_flip + [
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            # Threshold 128 (of 255) as in BYOL and the LUT authors' code: pixels >= 128 are inverted.
-            OneOf([T.Grayscale(num_output_channels=3), T.RandomSolarize(threshold=128, p=1.0),
-                   GaussianBlur(sigma=(0.1, 2.0))]),
-        ] + TO_UINT8)
+        self.crop_and_flip = T.Compose([T.RandomCrop(input_size), T.RandomHorizontalFlip()])
+        self.jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
 
     def __call__(self, img):
-        img = self.resize(img)
-        return self.view1(img), self.view2(img)
+        # The resize and the padding are deterministic, so the two views share them: torchvision's
+        # RandomCrop(padding=4, padding_mode="reflect") pads and then draws the corner in the padded image, so the
+        # pixels and draws are those of each view resizing and padding its own copy, with half the resampling (the
+        # largest cost after decoding). torch pads uint8 as it is (torchvision's Pad goes through float32).
+        img = F.pad(TF.pil_to_tensor(self.resize(img)), [PAD] * 4, mode="reflect")
+        return self.crop_and_flip(img), self.crop_and_flip(img), self.draw_view2_params()
+
+    def draw_view2_params(self):
+        """View 2's photometric parameters, drawn with the calls and in the order of torchvision's chain
+        RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), then one of Grayscale(3), RandomSolarize(128, p=1)
+        and a PIL Gaussian blur of radius uniform in [0.1, 2] chosen by torch.randint(3) — including the draws that
+        change nothing (RandomSolarize's coin at p = 1). A dict of tensors, the input of util.photometric.apply_view2:
+        jitter (bool), order (ColorJitter's four ops: 0 brightness, 1 contrast, 2 saturation, 3 hue), their factors
+        (float32, as drawn), choice (0 grayscale, 1 solarize, 2 blur), radius; identity values where not drawn.
+        """
+        jitter = not JITTER_P < torch.rand(1)  # RandomApply skips when p < torch.rand(1)
+        order, *factors = torch.arange(4), 1.0, 1.0, 1.0, 0.0
+        if jitter:
+            j = self.jitter
+            order, *factors = T.ColorJitter.get_params(j.brightness, j.contrast, j.saturation, j.hue)
+        choice = int(torch.randint(3, ()))
+        radius = 0.0
+        if choice == 1:
+            torch.rand(1)  # RandomSolarize(p=1.0): its coin
+        elif choice == 2:
+            radius = float(torch.empty(()).uniform_(*BLUR_RADIUS))
+        params = dict(zip(("brightness", "contrast", "saturation", "hue"), factors), radius=radius)
+        return dict(jitter=torch.tensor(jitter), order=order, choice=torch.tensor(choice),
+                    **{key: torch.tensor(value, dtype=torch.float32) for key, value in params.items()})
+
+
+PAD = 4
+JITTER_P = 0.8
+BLUR_RADIUS = (0.1, 2.0)
+
+
+def lut_views_on_device(view1, view2, params, device):
+    """LUTTwoViews' device half for a batch: the copies, view 2's photometric chain (util.photometric.apply_view2,
+    PIL's arithmetic), both views normalised."""
+    params = {key: value.to(device, non_blocking=True) for key, value in params.items()}
+    view2 = apply_view2(view2.to(device, non_blocking=True), params)
+    return [normalize(view1.to(device, non_blocking=True)), normalize(view2)]
 
 
 class RandomResizedCrop(T.RandomResizedCrop):

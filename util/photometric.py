@@ -156,16 +156,27 @@ def apply_view2(img, params):
     params: dict of tensors [B] (order [B, 4]): jitter (bool, RandomApply(ColorJitter) taken), order (ColorJitter's
     fn_idx: 0 brightness, 1 contrast, 2 saturation, 3 hue), brightness, contrast, saturation, hue (the factors),
     choice (OneOf: 0 grayscale, 1 solarize, 2 blur) and radius (the blur's; any value where choice != 2).
-    Every branch runs on every sample and torch.where keeps the drawn one: per jitter round one blend (its degenerate
-    image picked per sample: black, mean grey or luma) and one hue shift, then grayscale, solarize and blur.
+    Every branch runs on every sample and torch.where keeps the drawn one. ColorJitter's order puts hue at some
+    position k of four: the enhance ops before it (rounds 0-2, each active where it comes before k), then the hue
+    shift once, then the enhance ops after it (rounds 1-3, active after k). Each round is one blend, its degenerate
+    image picked per sample (black, mean grey or luma). Then grayscale, solarize and blur.
     """
-    x = img
+    order = params["order"]
+    hue_at = (order == 3).int().argmax(1)
     factors = torch.stack([params["brightness"], params["contrast"], params["saturation"]], 1)
-    for step in range(4):
-        op = _per_sample(params["order"][:, step])
+
+    def enhance(x, step, active):
+        op = _per_sample(order[:, step])
         degenerate = torch.where(op == 0, 0, torch.where(op == 1, _contrast_grey(x).int(), _luma(x)))
-        blended = _blend(degenerate, x, factors.gather(1, op.view(-1, 1).clamp(max=2))[:, 0])
-        x = torch.where(op == 3, adjust_hue(x, params["hue"]), blended)
+        blended = _blend(degenerate, x, factors.gather(1, order[:, step:step + 1].clamp(max=2))[:, 0])
+        return torch.where(_per_sample(active), blended, x)
+
+    x = img
+    for step in range(3):
+        x = enhance(x, step, step < hue_at)
+    x = adjust_hue(x, params["hue"])
+    for step in range(1, 4):
+        x = enhance(x, step, step > hue_at)
     x = torch.where(_per_sample(params["jitter"]), x, img)
     choice = _per_sample(params["choice"])
     return torch.where(choice == 0, grayscale(x), torch.where(choice == 1, solarize(x),
