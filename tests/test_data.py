@@ -80,6 +80,7 @@ def test_uint8_views_normalised_as_a_batch_equal_torchvision_float_pipeline_bitw
         transform = {"mae": mae_transform(32), "linprobe": linprobe_transform(32), "eval": eval_transform(32)}[name]
         reference = as_float_pipeline(transform)
     images = [random_image(60 + 7 * k, 50 + 5 * k, seed=k) for k in range(4)]
+
     def seeded(pipeline, img, seed):  # one seed per image, as PretrainDataset does
         torch.manual_seed(seed)
         return pipeline(img)

@@ -20,6 +20,9 @@ from util.photometric import apply_view2
 
 BICUBIC = T.InterpolationMode.BICUBIC
 TO_UINT8 = [T.PILToTensor()]
+PAD = 4  # LUT's crop: 4-pixel reflect padding
+JITTER_P = 0.8  # view 2's RandomApply(ColorJitter)
+BLUR_RADIUS = (0.1, 2.0)  # view 2's Gaussian blur
 
 
 def normalize(images):
@@ -85,10 +88,6 @@ class LUTTwoViews:
         return dict(jitter=torch.tensor(jitter), order=order, choice=torch.tensor(choice),
                     **{key: torch.tensor(value, dtype=torch.float32) for key, value in params.items()})
 
-
-PAD = 4
-JITTER_P = 0.8
-BLUR_RADIUS = (0.1, 2.0)
 
 
 def lut_views_on_device(view1, view2, params, device):
