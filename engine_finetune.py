@@ -1,5 +1,5 @@
-"""Supervised training for fine-tuning and linear probing: labelled data, one epoch of training, top-1 / top-5
-evaluation."""
+"""Supervised training and evaluation of pre-trained encoders: the encoder and data flags the evaluation scripts
+share, labelled data, one epoch of fine-tuning or linear probing, top-1 / top-5 evaluation, the epoch loop."""
 import contextlib
 import os
 import time
@@ -7,14 +7,60 @@ import time
 import torch
 from timm.utils import accuracy
 
+import models_vit
 from util.augment import eval_transform, normalize
-from util.checkpoint import load_training_state, save_epoch
+from util.checkpoint import (last_checkpoint, load_checkpoint, load_training_state, normalize_pretrained,
+                             replay_killed_epoch, saved_args, save_epoch)
 from util.datasets import ResumableDistributedSampler, build_imagefolder, check_images, check_unreadable, rank_shard
 from util.dist import all_reduce_sum, autocast, wrap_ddp
-from util.logging import MetricLogger
+from util.logging import MetricLogger, create_tb_writer
 from util.lr_sched import adjust_learning_rate
 from util.preemption import PreemptionHandler
-from util.run import end_run, open_outputs
+from util.run import end_run
+
+
+def add_encoder_args(parser, pretrained=True):
+    """Architecture and input flags; `pretrained` adds the pre-trained weights to load."""
+    group = parser.add_argument_group("encoder")
+    group.add_argument("--model", default="vit_base_patch16", choices=sorted(models_vit.MODELS))
+    group.add_argument("--input_size", default=None, type=int,
+                       help="image size (default: the checkpoint's training input size, else 224)")
+    group.add_argument("--patch_size", default=None, type=int, help="(default: the checkpoint's patch size, else 16)")
+    if pretrained:
+        group.add_argument("--finetune", default="", metavar="PATH",
+                           help="pre-training checkpoint (ours, the LUT authors' or MAE's); none = random weights")
+        group.add_argument("--checkpoint_key", default="model",
+                           help="the checkpoint's entry to load: 'model' (the student; what the LUT authors "
+                                "fine-tune), 'model_ema' (the LUT teacher), or e.g. 'state_dict' (MoCo v3), "
+                                "'teacher' (DINO)")
+
+
+def check_encoder_args(args):
+    """Fill --input_size / --patch_size from the checkpoint to load (the pre-trained one, or the classifier an --eval
+    reads) when not given; one-line messages for a missing file or entry and for sizes that do not fit."""
+    finetune, evaluating = getattr(args, "finetune", ""), getattr(args, "eval", False)
+    if finetune and not os.path.isfile(finetune):
+        raise SystemExit(f"--finetune checkpoint not found: {finetune}")
+    if evaluating and not args.resume:
+        raise SystemExit("--eval evaluates the checkpoint given with --resume PATH")
+    path, key = (args.resume, "model") if evaluating else (finetune, args.checkpoint_key)
+    saved, patch = {}, None
+    if path:
+        ckpt = load_checkpoint(path, mmap=True)
+        saved = saved_args(ckpt)
+        try:
+            weight = normalize_pretrained(ckpt, key).get("patch_embed.proj.weight")
+        except KeyError as e:
+            hint = "" if evaluating else "; choose one with --checkpoint_key"
+            raise SystemExit(f"{path}: {e.args[0]}{hint}") from None
+        patch = weight.shape[-1] if weight is not None else None
+        if args.patch_size not in (None, patch) and patch is not None:
+            raise SystemExit(f"--patch_size {args.patch_size}, but {path} has {patch}-pixel patches "
+                             f"(patch_embed.proj.weight {list(weight.shape)}): leave --patch_size out")
+    args.patch_size = args.patch_size or patch or 16
+    args.input_size = args.input_size or saved.get("input_size", 224)
+    if args.input_size % args.patch_size:
+        raise SystemExit(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
 
 
 def add_data_args(parser):
@@ -153,7 +199,9 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, ckp
     start_epoch, start_step, totals, ckpt = load_training_state(ckpt_path, args, model, optimizer, scaler)
     best = dict(max_accuracy=ckpt.get("max_accuracy", 0.0), best_epoch=ckpt.get("best_epoch"))
     ddp_model = wrap_ddp(model, args, device)
-    log_writer, preemption = open_outputs(args, ckpt_path, ckpt), PreemptionHandler(check_every=args.print_freq)
+    log_writer = create_tb_writer(args.log_dir or args.output_dir)
+    replay_killed_epoch(args, ckpt_path, ckpt, log_writer)
+    preemption = PreemptionHandler(check_every=args.print_freq)
     dist_eval = args.dist_eval and args.distributed
 
     print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
@@ -169,10 +217,10 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, ckp
                 best = dict(max_accuracy=test_stats["acc1"], best_epoch=epoch)
             print(f"Max accuracy: {best['max_accuracy']:.2f}%")
         save_epoch(args, model, optimizer, scaler, epoch, done, totals, log_writer, train_stats, test_stats,
-                   best["best_epoch"] == epoch, **best)
+                   best=best)
         if done < args.steps_per_epoch:
             print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; "
-                  f"{os.path.join(args.output_dir, 'checkpoint-last.pth')} resumes here")
+                  f"{last_checkpoint(args.output_dir)} resumes here")
         if done < args.steps_per_epoch or preemption.requested(epoch * args.steps_per_epoch + done):
             break
         start_step, totals = 0, None

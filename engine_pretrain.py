@@ -2,16 +2,17 @@
 
 `pretrain_step` (the losses of one micro-batch) and `apply_gradients` (optimizer step and teacher update) are the
 whole computation of a training step; `train_one_epoch` adds data, schedules and logging around them, and
-tools/benchmark.py times exactly these functions.
+tools/benchmark.py times exactly these functions. The model computes the method (its forward_train); nothing here
+depends on which method it is.
 """
 import contextlib
+import copy
 import hashlib
 
 import torch
 from timm.optim import param_groups_weight_decay
 
-from models_lut import bc_loss, lut_loss
-from util.augment import lut_views_on_device, normalize
+from util.augment import pretrain_views_on_device
 from util.datasets import check_unreadable
 from util.dist import autocast
 from util.ema import momentum_at, update_teacher
@@ -32,21 +33,33 @@ def masking_noise(args, epoch, micro_step, batch_size, num_patches, device):
     return noise[args.rank::args.world_size]
 
 
-def pretrain_step(model, teacher, views, noise, args):
-    """Forward pass of one micro-batch under the --amp autocast: dict(loss, mim, bc) for LUT, dict(loss) for MAE;
-    `loss` is what is back-propagated.
+class TrainingForward(torch.nn.Module):
+    """The student with its forward_train as forward: DDP all-reduces the gradients of what runs through the forward
+    of the module it wraps, so this is what DDP wraps. It holds no weights of its own."""
 
-    model: the student (DDP-wrapped or compiled is fine); teacher: the EMA copy in eval mode, None for MAE;
-    views: [view1, view2] (LUT) or [imgs] (MAE), each [B, 3, H, W]; noise: [B, L] masking noise.
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, views, mask_ratio, noise, targets):
+        return self.student.forward_train(views, mask_ratio, noise, targets)
+
+
+def build_teacher(student):
+    """The EMA teacher of a student that needs one (LUT): its copy in eval mode, without gradients; else None."""
+    return copy.deepcopy(student).eval().requires_grad_(False) if student.needs_teacher else None
+
+
+def pretrain_step(model, teacher, views, noise, args):
+    """The losses of one micro-batch under the --amp autocast: the student's forward_train dict, e.g. dict(loss, mim,
+    bc) for LUT, dict(loss) for MAE; `loss` is what is back-propagated.
+
+    model: TrainingForward(student), DDP-wrapped when distributed; teacher: the EMA copy in eval mode, or None;
+    views: as many [B, 3, H, W] batches as the student's num_views; noise: [B, L] masking noise.
     """
     with autocast(views[0].device, args.amp):
-        if teacher is None:
-            loss, _, _ = model(views[0], mask_ratio=args.mask_ratio, noise=noise)
-            return dict(loss=loss)
-        k1, k2 = teacher.forward_teacher(*views)
-        out = model(*views, mask_ratio=args.mask_ratio, noise=noise)
-        bc = bc_loss(out["q1"], out["q2"], k1, k2)
-        return dict(loss=lut_loss(out["mim_loss"], bc, args.w_mae, args.w_bc), mim=out["mim_loss"], bc=bc)
+        targets = teacher.forward_teacher(*views) if teacher is not None else None
+        return model(views, args.mask_ratio, noise, targets)
 
 
 def build_optimizer(student, args, device):
@@ -62,7 +75,7 @@ def apply_gradients(optimizer, scaler, student, teacher, momentum):
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    if teacher is not None:
+    if student.needs_teacher:
         update_teacher(teacher, student, momentum)
 
 
@@ -70,13 +83,13 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
                     log_writer=None, should_stop=lambda step: False, step_fn=pretrain_step):
     """Train from optimizer step `start_step` of `epoch` to its end, or until should_stop(global step).
 
-    An epoch is args.steps_per_epoch optimizer steps of args.accum_iter micro-batches. model: the student
-    (DDP-wrapped when distributed); teacher: the EMA copy, None for MAE; step_fn: pretrain_step or its torch.compile;
+    An epoch is args.steps_per_epoch optimizer steps of args.accum_iter micro-batches. model: TrainingForward(student),
+    DDP-wrapped when distributed; teacher: the EMA copy, or None; step_fn: pretrain_step or its torch.compile;
     totals: the logger totals of the epoch's first part when resuming mid-epoch.
     Returns (epoch means, optimizer steps of the epoch done, logger totals).
     """
     model.train()
-    student = model.module if hasattr(model, "module") else model
+    student = getattr(model, "module", model).student  # DDP keeps the module it wraps in .module
     accum = args.accum_iter
     micro_per_epoch = args.steps_per_epoch * accum
     logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=micro_per_epoch,
@@ -91,9 +104,7 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
             break
         if micro % accum == 0:
             logger.set(lr=adjust_learning_rate(optimizer, epoch + micro / micro_per_epoch, args))
-        # LUT's batch is (view1, view2, view 2's photometric parameters), applied here on the device.
-        views = lut_views_on_device(*batch, device) if teacher is not None else \
-            [normalize(batch.to(device, non_blocking=True))]
+        views = pretrain_views_on_device(batch, device)
         noise = masking_noise(args, epoch, micro, views[0].shape[0], student.num_patches, device)
 
         last_micro = (micro + 1) % accum == 0
@@ -106,7 +117,7 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
             global_step = epoch * args.steps_per_epoch + step
             momentum = momentum_at(global_step, args.total_steps, args.model_ema_decay)
             apply_gradients(optimizer, scaler, student, teacher, momentum)
-            if teacher is not None:
+            if student.needs_teacher:
                 logger.set(momentum=momentum)
             step += 1
             if should_stop(global_step + 1):

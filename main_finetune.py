@@ -20,10 +20,9 @@ from timm.layers import trunc_normal_
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
 import models_vit
-from engine_finetune import add_data_args, build_loaders, evaluate, fit
+from engine_finetune import add_data_args, add_encoder_args, build_loaders, check_encoder_args, evaluate, fit
 from util.checkpoint import find_resume_checkpoint
 from util.lr_sched import add_schedule_args, set_lr
-from util.pretrained import add_encoder_args, check_encoder_args, load_classifier, load_pretrained
 from util.rng import seed_everything
 from util.run import add_run_args, start_run, take_output_dir
 
@@ -110,7 +109,7 @@ def build_model(args, pretrained):
         img_size=args.input_size, patch_size=args.patch_size, num_classes=args.nb_classes,
         drop_path_rate=args.drop_path, global_pool="avg" if args.global_pool else "token")
     if pretrained and args.finetune:
-        load_pretrained(model, args.finetune, args.checkpoint_key)
+        models_vit.load_pretrained(model, args.finetune, args.checkpoint_key)
         # MAE's choice: a near-zero head, so early gradients do not wreck the pre-trained features.
         trunc_normal_(model.head.weight, std=2e-5)
     elif pretrained:
@@ -176,7 +175,7 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: {n_parameters / 1e6:.2f}M parameters")
     if args.eval:
-        load_classifier(model, args.resume)
+        models_vit.load_classifier(model, args.resume)
         return evaluate(model, val_loader, device, args.amp, args.dist_eval and args.distributed)
 
     mixup_fn, criterion = build_criterion(args)

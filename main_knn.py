@@ -13,10 +13,10 @@ import json
 import os
 
 import models_vit
+from engine_finetune import add_encoder_args, check_encoder_args
 from util.checkpoint import write_atomically
 from util.dist import destroy_distributed, is_main_process
 from util.knn import KNNEvaluator
-from util.pretrained import add_encoder_args, check_encoder_args, load_pretrained
 from util.rng import seed_everything
 from util.run import add_run_args, start_run
 
@@ -48,7 +48,7 @@ def main(args):
     model = models_vit.MODELS[args.model](img_size=args.input_size, patch_size=args.patch_size, num_classes=0,
                                           global_pool="avg" if args.lut_global else "token", fc_norm=False)
     if args.finetune:
-        load_pretrained(model, args.finetune, args.checkpoint_key)
+        models_vit.load_pretrained(model, args.finetune, args.checkpoint_key)
     else:
         print("No --finetune checkpoint: k-NN on a randomly initialised encoder (a baseline)")
     stats = knn(model.to(device), device, args.amp)

@@ -17,13 +17,12 @@ import torch
 from timm.layers import trunc_normal_
 
 import models_vit
-from engine_finetune import add_data_args, build_loaders, evaluate, fit
+from engine_finetune import add_data_args, add_encoder_args, build_loaders, check_encoder_args, evaluate, fit
 from util.augment import linprobe_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import find_resume_checkpoint
 from util.lars import LARS
 from util.lr_sched import add_schedule_args, set_lr
-from util.pretrained import add_encoder_args, check_encoder_args, load_classifier, load_pretrained
 from util.rng import seed_everything
 from util.run import add_run_args, start_run, take_output_dir
 
@@ -52,7 +51,7 @@ def build_model(args, pretrained):
         img_size=args.input_size, patch_size=args.patch_size, num_classes=args.nb_classes,
         global_pool="avg" if args.global_pool or args.lut_global else "token", fc_norm=args.global_pool)
     if pretrained and args.finetune:
-        load_pretrained(model, args.finetune, args.checkpoint_key)
+        models_vit.load_pretrained(model, args.finetune, args.checkpoint_key)
     elif pretrained:
         print("No --finetune checkpoint: probing a randomly initialised encoder (a baseline)")
     trunc_normal_(model.head.weight, std=0.01)
@@ -83,7 +82,7 @@ def main(args):
     n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: {n_parameters} trainable parameters (the head)")
     if args.eval:
-        load_classifier(model, args.resume)
+        models_vit.load_classifier(model, args.resume)
         return evaluate(model, val_loader, device, args.amp, args.dist_eval and args.distributed)
 
     set_lr(args)

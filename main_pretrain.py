@@ -6,7 +6,6 @@
 See PRETRAIN.md for the recipes and docs/method.md for the method.
 """
 import argparse
-import copy
 import datetime
 import itertools
 import json
@@ -16,17 +15,19 @@ import time
 import torch
 
 import models_lut
-from engine_pretrain import build_optimizer, pretrain_step, train_one_epoch
+from engine_pretrain import TrainingForward, build_optimizer, build_teacher, pretrain_step, train_one_epoch
 from util.augment import LUTTwoViews, mae_transform
 from util.batchnorm import convert_sync_batchnorm
-from util.checkpoint import find_resume_checkpoint, load_training_state, save_epoch
+from util.checkpoint import (find_resume_checkpoint, last_checkpoint, load_training_state, replay_killed_epoch,
+                             save_epoch)
 from util.datasets import PretrainDataset, ResumableDistributedSampler, check_images, find_images
 from util.dist import wrap_ddp
 from util.knn import KNNEvaluator
+from util.logging import create_tb_writer
 from util.lr_sched import add_schedule_args, set_lr
 from util.preemption import PreemptionHandler
 from util.rng import seed_everything
-from util.run import add_run_args, end_run, open_outputs, start_run, take_output_dir
+from util.run import add_run_args, end_run, start_run, take_output_dir
 
 
 def get_args_parser():
@@ -71,28 +72,23 @@ def get_args_parser():
 
 def check_args(args):
     """Pre-training's own checks, before anything expensive is built; returns the image paths."""
-    is_lut = args.model.startswith("lut")
+    method = models_lut.model_class(args.model)
     if args.input_size % args.patch_size:
         raise SystemExit(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
-    if not 0 < args.mask_ratio < 1:
-        raise SystemExit(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
-    if is_lut and args.mask_ratio < 0.5:
-        raise SystemExit(f"LUT needs --mask_ratio >= 0.5 (the two views' visible patches are disjoint), "
-                         f"got {args.mask_ratio}")
-    num_patches = (args.input_size // args.patch_size) ** 2
-    if int(num_patches * (1 - args.mask_ratio)) < 1:
-        raise SystemExit(f"--mask_ratio {args.mask_ratio} leaves no visible patch of {num_patches} "
-                         f"({args.input_size} px, patch {args.patch_size})")
-    if args.fast_decode and not is_lut:
+    try:
+        models_lut.check_mask_ratio(args.mask_ratio, (args.input_size // args.patch_size) ** 2, method.num_views)
+    except ValueError as e:
+        raise SystemExit(f"--{e} ({args.input_size} px, patch {args.patch_size})") from None
+    if args.fast_decode and method.num_views == 1:
         raise SystemExit("--fast_decode is for LUT's views (resized to the input size); MAE's random-resized crops "
                          "enlarge small regions and need the full-resolution image")
-    if is_lut and args.head_norm_layer == "BN" and args.batch_size * args.world_size < 2:
+    if method.needs_teacher and args.head_norm_layer == "BN" and args.batch_size * args.world_size < 2:
         raise SystemExit("LUT's BatchNorm heads normalise each view over the images of all ranks: --batch_size must "
                          "be at least 2 on a single process (or use --head_norm_layer LN)")
     if args.knn_freq < 0:
         raise SystemExit(f"--knn_freq must not be negative (0 = off), got {args.knn_freq}")
     if args.lr_scale is None:
-        args.lr_scale = "sqrt" if is_lut else "linear"
+        args.lr_scale = "sqrt" if method.needs_teacher else "linear"  # each method's published rule
     try:
         paths = find_images(args.data_path)
         check_images(paths)
@@ -103,9 +99,10 @@ def check_args(args):
 
 def build_model(args):
     kwargs = dict(img_size=args.input_size, patch_size=args.patch_size, norm_pix_loss=args.norm_pix_loss)
-    if args.model.startswith("lut"):
+    if models_lut.model_class(args.model).needs_teacher:
         kwargs.update(depth_head=args.depth_head, depth_pred=args.depth_pred, head_mlp_dim=args.head_mlp_dim,
-                      head_norm_layer=args.head_norm_layer, head_act_layer=args.head_act_layer)
+                      head_norm_layer=args.head_norm_layer, head_act_layer=args.head_act_layer, w_mae=args.w_mae,
+                      w_bc=args.w_bc)
     return models_lut.MODELS[args.model](**kwargs)
 
 
@@ -140,11 +137,11 @@ def main(args):
             knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers)
         except ValueError as e:
             raise SystemExit(f"--knn_freq: {e}")
-    is_lut = args.model.startswith("lut")
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     print(json.dumps(vars(args), indent=1, default=str))
 
-    transform = LUTTwoViews(args.input_size) if is_lut else mae_transform(args.input_size)
+    transform = LUTTwoViews(args.input_size) if models_lut.model_class(args.model).num_views == 2 else \
+        mae_transform(args.input_size)
     dataset = PretrainDataset(paths, transform, draft_size=args.input_size if args.fast_decode else None)
     sampler = ResumableDistributedSampler(len(dataset), args.world_size, args.rank, shuffle=True, seed=args.seed)
     args.steps_per_epoch = len(sampler) // args.batch_size // args.accum_iter
@@ -158,15 +155,13 @@ def main(args):
     print(f"{len(dataset)} images in {args.data_path}; {args.steps_per_epoch} optimizer steps per epoch")
 
     seed_everything(args.seed)  # the same initial weights on every rank
-    student = build_model(args)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False).to(device) if is_lut else None
-    student.to(device)
-    model = student
+    student = build_model(args).to(device)
+    teacher = build_teacher(student)
     if args.distributed:
-        student = model = convert_sync_batchnorm(student)  # per-view BN statistics over all ranks
-        model = wrap_ddp(model, args, device)
+        student = convert_sync_batchnorm(student)  # per-view BN statistics over all ranks
+    model = wrap_ddp(TrainingForward(student), args, device)
     print(f"student: {sum(p.numel() for p in student.parameters() if p.requires_grad) / 1e6:.2f}M trainable "
-          f"parameters" + (", with an EMA teacher" if is_lut else ""))
+          f"parameters" + (", with an EMA teacher" if teacher is not None else ""))
 
     set_lr(args)
     optimizer = build_optimizer(student, args, device)
@@ -174,7 +169,8 @@ def main(args):
     ckpt_path = find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)
     start_epoch, start_step, totals, ckpt = load_training_state(ckpt_path, args, student, optimizer, scaler, teacher)
 
-    log_writer = open_outputs(args, ckpt_path, ckpt)
+    log_writer = create_tb_writer(args.log_dir or args.output_dir)
+    replay_killed_epoch(args, ckpt_path, ckpt, log_writer)
     preemption = PreemptionHandler(check_every=args.print_freq)
 
     def should_stop(global_step):
@@ -192,9 +188,7 @@ def main(args):
         if knn is not None and done == args.steps_per_epoch and ((epoch + 1) % args.knn_freq == 0
                                                                  or epoch + 1 == args.epochs):
             stats.update(knn(student, device, args.amp))
-        save_epoch(args, student, optimizer, scaler, epoch, done, totals, log_writer, stats,
-                   global_step=epoch * args.steps_per_epoch + done,
-                   **({"model_ema": teacher.state_dict()} if is_lut else {}))
+        save_epoch(args, student, optimizer, scaler, epoch, done, totals, log_writer, stats, teacher=teacher)
         if done == args.steps_per_epoch:
             remaining = (time.time() - epoch_start) * (args.epochs - epoch - 1)
             print(f"Epoch {epoch} done; about {datetime.timedelta(seconds=int(remaining))} left")
@@ -202,7 +196,7 @@ def main(args):
             print(compile_report())
         if should_stop(epoch * args.steps_per_epoch + done):
             print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; "
-                  f"{os.path.join(args.output_dir, 'checkpoint-last.pth')} resumes here")
+                  f"{last_checkpoint(args.output_dir)} resumes here")
             break
         start_step, totals = 0, None
     end_run(log_writer, start_time, preemption)

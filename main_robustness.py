@@ -17,12 +17,11 @@ import torch
 from torchvision.datasets import ImageFolder
 
 import models_vit
-from engine_finetune import evaluate
+from engine_finetune import add_encoder_args, check_encoder_args, evaluate
 from util.augment import eval_crop_pct, eval_transform
 from util.checkpoint import load_checkpoint, saved_args, write_atomically
 from util.datasets import is_image_file, load_image, rank_shard
 from util.dist import destroy_distributed, is_main_process
-from util.pretrained import add_encoder_args, check_encoder_args, load_classifier
 from util.robustness import (ALEXNET_ERROR, ALEXNET_ERROR_EXTRA, CORRUPTIONS, EXTRA_CORRUPTIONS, IMAGENET_A_WNIDS,
                              IMAGENET_R_WNIDS, IMAGENET_WNIDS, SEVERITIES)
 from util.run import add_run_args, start_run
@@ -143,7 +142,7 @@ def main(args):
 
     model = models_vit.MODELS[args.model](img_size=args.input_size, patch_size=args.patch_size, num_classes=1000,
                                           global_pool="avg" if trained.get("global_pool", True) else "token")
-    load_classifier(model, args.resume)
+    models_vit.load_classifier(model, args.resume)
     model.to(device)
     transform = eval_transform(args.input_size)
     reduce = args.dist_eval and args.distributed

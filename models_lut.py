@@ -4,6 +4,7 @@
 decoder: the student reconstructs the masked patches of view 1 and predicts, from the visible tokens of each view,
 the teacher's embedding of the other, unmasked view (the broader-context loss).
 """
+import functools
 from functools import partial
 
 import torch
@@ -12,6 +13,20 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, PatchEmbed
 
 from util.pos_embed import get_2d_sincos_pos_embed
+
+
+def check_mask_ratio(mask_ratio, num_patches, num_views=1):
+    """n = int(L * (1 - mask_ratio)), the visible patches of each view, or a ValueError naming what does not fit:
+    a ratio in (0, 1), at least 1 - 1 / num_views (the views' visible sets are disjoint), at least one visible patch."""
+    if not 0 < mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if mask_ratio < 1 - 1 / num_views:
+        raise ValueError(f"mask_ratio >= {1 - 1 / num_views:g} is needed so that the {num_views} views' visible "
+                         f"patches are disjoint, got {mask_ratio}")
+    n = int(num_patches * (1 - mask_ratio))
+    if n < 1:
+        raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch of {num_patches}")
+    return n
 
 
 def random_masking(noise, mask_ratio, num_views=1):
@@ -23,10 +38,7 @@ def random_masking(noise, mask_ratio, num_views=1):
     original patch order), and ids_restore [B, L] which un-shuffles view 1's tokens for the decoder.
     """
     B, L = noise.shape
-    n = int(L * (1 - mask_ratio))
-    if n < 1 or num_views * n > L:
-        raise ValueError(f"mask_ratio {mask_ratio} leaves {n} visible patches of {L} per view: "
-                         f"{num_views} view(s) need 1 <= n <= L / {num_views}")
+    n = check_mask_ratio(mask_ratio, L, num_views)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep, masks = [], []
@@ -51,6 +63,7 @@ def bc_loss(q1, q2, k1, k2):
 
 
 def lut_loss(mim_loss, bc, w_mae=1.0, w_bc=0.25):
+    """LUT's training loss: w_mae * reconstruction + w_bc * broader context."""
     return w_mae * mim_loss + w_bc * bc
 
 
@@ -64,9 +77,6 @@ def build_mlp(num_layers, in_dim, mlp_dim, out_dim, norm_layer="BN", act_layer="
         return nn.Identity()
     norms = {"BN": nn.BatchNorm1d, "LN": nn.LayerNorm, "none": None}
     acts = {"ReLU": nn.ReLU, "GELU": nn.GELU}
-    if norm_layer not in norms or act_layer not in acts:
-        raise ValueError(f"head norm must be one of {list(norms)} and activation one of {list(acts)}, "
-                         f"got {norm_layer!r}, {act_layer!r}")
     layers = []
     for i in range(num_layers):
         d_in = in_dim if i == 0 else mlp_dim
@@ -81,6 +91,9 @@ def build_mlp(num_layers, in_dim, mlp_dim, out_dim, norm_layer="BN", act_layer="
 
 class MaskedAutoencoderViT(nn.Module):
     """MAE with a ViT encoder (timm blocks, fused SDPA attention) and a lightweight ViT decoder."""
+
+    num_views = 1  # augmented views of each image that forward_train takes
+    needs_teacher = False  # whether forward_train takes an EMA teacher's targets
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24, num_heads=16,
                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0, norm_pix_loss=False):
@@ -201,13 +214,24 @@ class MaskedAutoencoderViT(nn.Module):
         pred = self.forward_decoder(latent, ids_restore)
         return self.forward_loss(imgs, pred, mask), pred, mask
 
+    def forward_train(self, views, mask_ratio=0.75, noise=None, targets=None):
+        """The training loss of one batch. views: [imgs], as many as num_views; targets: None (no teacher).
+        Returns dict(loss): what is back-propagated, and (here, for LUT) its logged terms."""
+        loss, _, _ = self(*views, mask_ratio=mask_ratio, noise=noise)
+        return dict(loss=loss)
+
 
 class LUT(MaskedAutoencoderViT):
-    """LUT: MAE plus a projector (`head`) and predictor trained against an EMA teacher's view of the whole image."""
+    """LUT: MAE plus a projector (`head`) and predictor trained against an EMA teacher's view of the whole image.
+    w_mae, w_bc: the weights of the reconstruction and broader-context losses in forward_train."""
+
+    num_views = 2
+    needs_teacher = True
 
     def __init__(self, depth_head=2, depth_pred=2, head_mlp_dim=4096, head_norm_layer="BN", head_act_layer="ReLU",
-                 **kwargs):
+                 w_mae=1.0, w_bc=0.25, **kwargs):
         super().__init__(**kwargs)
+        self.w_mae, self.w_bc = w_mae, w_bc
         dim = self.pos_embed.shape[-1]
         self.head = build_mlp(depth_head, dim, head_mlp_dim, dim, head_norm_layer, head_act_layer)
         self.predictor = build_mlp(depth_pred, dim, head_mlp_dim, dim, head_norm_layer, head_act_layer)
@@ -220,9 +244,6 @@ class LUT(MaskedAutoencoderViT):
         Returns a dict: mim_loss (reconstruction of view 1), q1 / q2 [B, D] (predictor outputs of each view),
         pred [B, L, p*p*C] (view 1), mask1 / mask2 [B, L] (1 = removed).
         """
-        if mask_ratio < 0.5:
-            raise ValueError(f"LUT needs mask_ratio >= 0.5 so the two views' visible patches are disjoint, "
-                             f"got {mask_ratio}")
         (keep1, keep2), (mask1, mask2), ids_restore = random_masking(self.draw_noise(imgs1, noise), mask_ratio, 2)
         # One encoder call for both views: every op is per-sample, so this equals two calls.
         latent1, latent2 = self.forward_encoder(torch.cat([imgs1, imgs2]), torch.cat([keep1, keep2])).chunk(2)
@@ -234,6 +255,13 @@ class LUT(MaskedAutoencoderViT):
                     mask1=mask1, mask2=mask2)
 
     forward = forward_student
+
+    def forward_train(self, views, mask_ratio=0.75, noise=None, targets=None):
+        """The training loss of one batch. views: [view1, view2], each [B, C, H, W]; targets: the teacher's
+        forward_teacher(view1, view2). Returns dict(loss = w_mae * mim + w_bc * bc, mim, bc)."""
+        out = self.forward_student(*views, mask_ratio=mask_ratio, noise=noise)
+        bc = bc_loss(out["q1"], out["q2"], *targets)
+        return dict(loss=lut_loss(out["mim_loss"], bc, self.w_mae, self.w_bc), mim=out["mim_loss"], bc=bc)
 
     @torch.no_grad()
     def forward_teacher(self, imgs1, imgs2):
@@ -274,3 +302,11 @@ lut_vit_large_patch16 = _factory(LUT, "large")
 
 MODELS = {f"{kind}_vit_{size}_patch16": globals()[f"{kind}_vit_{size}_patch16"]
           for kind in ("mae", "lut") for size in ENCODERS}
+
+
+@functools.cache
+def model_class(name):
+    """The class of MODELS[name], whose num_views and needs_teacher say what it trains on; built on the meta device,
+    so without weights."""
+    with torch.device("meta"):
+        return type(MODELS[name]())

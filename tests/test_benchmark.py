@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from engine_pretrain import pretrain_step
+from engine_pretrain import TrainingForward, pretrain_step
 from models_lut import LUT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,14 +39,14 @@ def test_fused_attention_flops_equal_those_of_explicit_attention():
     torch.manual_seed(0)
     model = LUT(**TINY)
     teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    step_args = argparse.Namespace(amp="none", mask_ratio=0.75, w_mae=1.0, w_bc=0.25)
+    step_args = argparse.Namespace(amp="none", mask_ratio=0.75)
     views, noise = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)], torch.rand(4, 16)
 
     def step_flops(fused):
         for blk in [*model.blocks, *model.decoder_blocks, *teacher.blocks, *teacher.decoder_blocks]:
             blk.attn.fused_attn = fused  # False: timm's explicit q @ k^T, softmax, @ v
         with FlopCounterMode(display=False, custom_mapping=benchmark.FLOP_FORMULAS) as counter:
-            pretrain_step(model, teacher, views, noise, step_args)["loss"].backward()
+            pretrain_step(TrainingForward(model), teacher, views, noise, step_args)["loss"].backward()
         return counter.get_flop_counts()["Global"]
 
     fused, explicit = step_flops(True), step_flops(False)

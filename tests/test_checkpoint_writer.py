@@ -31,13 +31,13 @@ def collect_saves():
 @pytest.fixture
 def gate(monkeypatch):
     """An Event: background saves of checkpoint-last.pth wait for it (at most GATE_S) before they write."""
-    event, save = threading.Event(), ck.save_checkpoint
+    event, write = threading.Event(), ck.write_atomically
 
-    def held(state, path):
+    def held(path, fn):
         if os.path.basename(path) == "checkpoint-last.pth":
             event.wait(GATE_S)
-        save(state, path)
-    monkeypatch.setattr(ck, "save_checkpoint", held)
+        write(path, fn)
+    monkeypatch.setattr(ck, "write_atomically", held)
     yield event
     event.set()
 
@@ -60,8 +60,7 @@ def train_step(model, optimizer):
 
 
 def save(args, model, teacher, optimizer, scaler, epoch=0, epoch_step=1):
-    ck.save_training_state(os.path.join(args.output_dir, "checkpoint-last.pth"), args, model, optimizer, scaler,
-                           epoch, epoch_step, totals={}, model_ema=teacher.state_dict())
+    ck.save_epoch(args, model, optimizer, scaler, epoch, epoch_step, {}, None, {}, teacher=teacher)
 
 
 def test_a_checkpoint_holds_the_state_at_save_time_while_training_changes_it(tmp_path, gate):
@@ -102,13 +101,14 @@ def test_a_save_returns_while_its_write_is_in_flight(tmp_path, gate):
 
 def test_the_next_save_waits_for_the_previous_write(tmp_path, monkeypatch):
     args, model, teacher, optimizer, scaler = training(tmp_path)
-    events, write = [], ck.save_checkpoint
+    events, write, written = [], ck.write_atomically, []
 
-    def slow(state, path):
+    def slow(path, fn):
         time.sleep(0.5)
-        write(state, path)
-        events.append(f"step {state['epoch_step']} on disk")
-    monkeypatch.setattr(ck, "save_checkpoint", slow)
+        write(path, fn)
+        written.append(path)
+        events.append(f"step {len(written)} on disk")
+    monkeypatch.setattr(ck, "write_atomically", slow)
     save(args, model, teacher, optimizer, scaler, epoch_step=1)
     events.append("step 1 saved")
     save(args, model, teacher, optimizer, scaler, epoch_step=2)
@@ -141,7 +141,7 @@ def test_a_failed_background_write_stops_the_run_naming_the_file(tmp_path, where
 
 def epoch_end(args, model, teacher, optimizer, scaler, epoch, is_best, log_writer=None):
     ck.save_epoch(args, model, optimizer, scaler, epoch, args.steps_per_epoch, None, log_writer, {"loss": 1.0},
-                  {"acc1": 50.0}, is_best, model_ema=teacher.state_dict())
+                  {"acc1": 50.0}, teacher=teacher, best=dict(max_accuracy=50.0, best_epoch=epoch if is_best else None))
 
 
 @pytest.mark.parametrize("links", [True, False], ids=["hard links", "no hard links"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine_pretrain import apply_gradients, build_optimizer, pretrain_step
+from engine_pretrain import TrainingForward, apply_gradients, build_optimizer, pretrain_step
 from models_lut import LUT, MaskedAutoencoderViT
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
@@ -63,7 +63,7 @@ def test_optimised_step_gives_the_losses_and_gradients_of_the_straightforward_st
     torch.manual_seed(1)
     x1, x2, noise = torch.randn(6, 3, 32, 32), torch.randn(6, 3, 32, 32), torch.rand(6, 16)
 
-    terms = pretrain_step(model, teacher, [x1, x2] if lut else [x1], noise, ARGS)
+    terms = pretrain_step(TrainingForward(model), teacher, [x1, x2] if lut else [x1], noise, ARGS)
     terms["loss"].backward()
     want = straightforward_terms(reference, reference_teacher, x1, x2, noise)
     want["loss"].backward()

@@ -20,12 +20,12 @@ import main_finetune
 import main_linprobe
 import models_lut
 import models_vit
+from models_vit import load_pretrained
 from runs import MICRO_FINETUNE, MICRO_PRETRAIN, ROOT, ENV, TORCHRUN, epoch_log, run as run_cmd
 from util import augment
 from util.checkpoint import load_checkpoint, save_checkpoint
 from util.lars import LARS
 from util.lr_sched import adjust_learning_rate, set_lr
-from util.pretrained import load_pretrained
 
 # The micro encoder of tests/micro_pretrain.py and tests/micro_finetune.py, on 32 px images with 8 px patches.
 ENCODER = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8)

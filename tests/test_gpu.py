@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 
-from engine_pretrain import build_optimizer, pretrain_step
+from engine_pretrain import TrainingForward, build_optimizer, pretrain_step
 from models_lut import LUT
 from runs import MICRO_PRETRAIN, assert_same_training_state, run
 from util.batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
@@ -45,7 +45,7 @@ def tiny_lut(device, batch=64):
 def losses_and_grads(step_fn, student, teacher, views, noise, amp):
     """Loss terms and parameter gradients of one step on a copy of `student` (float32 values)."""
     student = copy.deepcopy(student)
-    terms = step_fn(student, teacher, views, noise, argparse.Namespace(amp=amp, **ARGS))
+    terms = step_fn(TrainingForward(student), teacher, views, noise, argparse.Namespace(amp=amp, **ARGS))
     terms["loss"].backward()
     grads = {n: p.grad.float() for n, p in student.named_parameters() if p.grad is not None}
     return {k: v.detach().float() for k, v in terms.items()}, grads

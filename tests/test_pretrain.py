@@ -45,11 +45,11 @@ def test_pretraining_learns_and_writes_checkpoint_logs_and_tensorboard(flat_imag
     losses = [r["train_loss"] for r in log]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.9 * losses[0], losses
-    if model.startswith("lut"):
+    if model == "lut_vit_micro":
         assert {"train_mim", "train_bc", "train_momentum"} <= log[0].keys()
     ckpt = load_checkpoint(out / "checkpoint-last.pth")
     assert ckpt["epoch"] == 3 and ckpt["global_step"] == 4 * 16 and isinstance(ckpt["args"], dict)
-    assert ("model_ema" in ckpt) == model.startswith("lut")  # MAE has no teacher
+    assert ("model_ema" in ckpt) == (model == "lut_vit_micro")  # MAE has no teacher
     assert (out / "checkpoint-3.pth").exists()
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
     for word in ("eta", "lr", "img/s", "mem", "loss"):
@@ -99,6 +99,52 @@ def test_two_ranks_equal_one_rank_with_the_global_batch(flat_images, tmp_path):
     b = load_checkpoint(tmp_path / "single" / "checkpoint-last.pth")
     for k in b["model_ema"]:
         torch.testing.assert_close(a["model_ema"][k].float(), b["model_ema"][k].float(), rtol=1e-4, atol=1e-5)
+
+
+def truncate(path):
+    """What a partial copy leaves: the file without its end."""
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def test_a_damaged_resume_file_stops_in_one_line_naming_it(flat_images, tmp_path):
+    bad = tmp_path / "from_elsewhere.pth"
+    run("--data_path", flat_images, "--output_dir", tmp_path / "first", "--epochs", "1", "--stop_at_step", "2")
+    shutil.copy(tmp_path / "first" / "checkpoint-last.pth", bad)
+    truncate(bad)
+    proc = run("--data_path", flat_images, "--output_dir", tmp_path / "out", "--resume", bad, "--epochs", "1",
+               check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"checkpoint {bad} cannot be read, it is truncated")
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_last_is_continued_past_from_the_newest_readable_checkpoint(flat_images, tmp_path):
+    common = ["--data_path", flat_images, "--epochs", "2"]
+    run(*common, "--output_dir", tmp_path / "straight")
+    out = tmp_path / "out"
+    run(*common, "--output_dir", out, "--stop_at_step", "20")  # epoch 0 ends at step 16, then 4 steps of epoch 1
+    last, previous = out / "checkpoint-last.pth", out / "checkpoint-previous.pth"
+    assert (load_checkpoint(previous)["epoch"], load_checkpoint(previous)["epoch_step"]) == (0, 16)
+    assert (load_checkpoint(last)["epoch"], load_checkpoint(last)["epoch_step"]) == (1, 4)
+    truncate(last)
+    proc = run(*common, "--output_dir", out)  # the requeue
+    assert f"WARNING: checkpoint {last} cannot be read, it is truncated or corrupt" in proc.stdout
+    assert f"continuing from the newest readable checkpoint of the run, {previous}" in proc.stdout
+    assert (out / "checkpoint-last.pth.damaged").read_bytes() != last.read_bytes()  # kept aside, not lost
+    assert_same_training_state(tmp_path / "straight" / "checkpoint-last.pth", last)
+    assert epoch_log(out) == epoch_log(tmp_path / "straight")
+
+
+def test_a_run_folder_without_a_readable_checkpoint_stops_in_one_line_and_does_not_start_afresh(flat_images,
+                                                                                               tmp_path):
+    run("--data_path", flat_images, "--output_dir", tmp_path, "--epochs", "1", "--stop_at_step", "2")
+    truncate(tmp_path / "checkpoint-last.pth")
+    proc = run("--data_path", flat_images, "--output_dir", tmp_path, "--epochs", "1", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        f"and {tmp_path} holds no other readable checkpoint: restore it, or move it away to start this run afresh")
+    assert not (tmp_path / "log.txt").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(flat_images, tmp_path):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from unittest.mock import patch
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 from runs import epoch_log
 from util import dist as dist_util
 from util.batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
+import util.checkpoint
 from util.checkpoint import (find_resume_checkpoint, load_checkpoint, load_training_state, normalize_pretrained,
-                             save_checkpoint, save_epoch, save_training_state, wait_for_saves)
+                             replay_killed_epoch, save_checkpoint, save_epoch, wait_for_saves)
 from util.logging import MetricLogger, NonFiniteLossError
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.rng import rng_state, set_rng_state
-from util.run import check_run_args, open_outputs
+from util.run import check_run_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,20 +174,24 @@ def test_checkpoint_needing_unsafe_unpickling_is_refused(tmp_path):
     assert "NotAWeight" in message
 
 
-def test_truncated_checkpoint_error_names_the_file(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, damage):
     path = tmp_path / "checkpoint-last.pth"
     save_checkpoint({"w": torch.zeros(1000)}, path)
-    path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(Exception) as err:
+    data = path.read_bytes()
+    path.write_bytes(data[:-1000] if damage == "truncated" else data[:100] + bytes(len(data) - 100))
+    with pytest.raises(SystemExit) as err:
         load_checkpoint(path)
-    assert f"while reading checkpoint {path}" in err.value.__notes__
+    message = str(err.value)
+    assert message.startswith(f"checkpoint {path} cannot be read") and "truncated or corrupt" in message
+    assert "\n" not in message
 
 
 def test_a_restart_continues_from_this_runs_checkpoint_not_from_resume(tmp_path, capsys):
     explicit, last = tmp_path / "old.pth", tmp_path / "checkpoint-last.pth"
-    explicit.touch()
+    save_checkpoint({"epoch": 0}, explicit)
     assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=True) == str(explicit)  # the first run
-    last.touch()  # ... has written its own checkpoint and is requeued with the same arguments
+    save_checkpoint({"epoch": 1}, last)  # ... has written its own checkpoint and is requeued with the same arguments
     assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=True) == str(last)
     assert f"not from --resume {explicit}" in capsys.readouterr().out
     assert find_resume_checkpoint(str(tmp_path), "", auto_resume=True) == str(last)
@@ -222,12 +228,13 @@ def _rng_worker(rank, world_size, port, out_dir):
     """One rank of a gloo job: save a training state, draw, load it back, draw again."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    args = argparse.Namespace(device="cpu", model="linear", steps_per_epoch=4, batch_size=2, accum_iter=1, seed=0)
+    args = argparse.Namespace(device="cpu", model="linear", steps_per_epoch=4, batch_size=2, accum_iter=1, seed=0,
+                              output_dir=out_dir)
     dist_util.init_distributed(args)
     model, path = nn.Linear(2, 1), os.path.join(out_dir, "checkpoint-last.pth")
     optimizer, scaler = torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False)
     torch.manual_seed(rank), np.random.seed(rank), random.seed(rank)  # each rank its own streams, as in training
-    save_training_state(path, args, model, optimizer, scaler, epoch=0, epoch_step=2)
+    save_epoch(args, model, optimizer, scaler, 0, 2, {}, None, {})
     expected = _draw()
     _draw()
     load_training_state(path, args, model, optimizer, scaler)
@@ -683,18 +690,22 @@ def test_epoch_outputs_of_a_run_killed_after_checkpoint_last_are_completed_once(
     model = nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    save_epoch(args, model, optimizer, scaler, 0, 2, None, None, {"loss": 1.0}, {"acc1": 50.0}, is_best=True)
+    save_epoch(args, model, optimizer, scaler, 0, 2, None, None, {"loss": 1.0}, {"acc1": 50.0},
+               best=dict(max_accuracy=50.0, best_epoch=0))
+    wait_for_saves()  # epoch 0's outputs are complete
     with torch.no_grad():
         model.weight.add_(1.0)
     # Epoch 1 is the best and a --save_freq epoch; the run dies right after writing its checkpoint-last.pth.
     record = {"train_loss": 0.5, "test_acc1": 60.0, "epoch": 1, "n_parameters": 3}
-    save_training_state(str(tmp_path / "checkpoint-last.pth"), args, model, optimizer, scaler, 1, 2,
-                        log_record=record, best_epoch=1)
-    wait_for_saves()  # the background write
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint-best.pth", "checkpoint-last.pth", "log.txt"]
+    with patch.object(util.checkpoint, "finish_epoch", lambda *args, **kwargs: None):  # the kill
+        save_epoch(args, model, optimizer, scaler, 1, 2, None, None, {"loss": 0.5}, {"acc1": 60.0},
+                   best=dict(max_accuracy=60.0, best_epoch=1))
+        wait_for_saves()  # the background write
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-best.pth", "checkpoint-last.pth", "checkpoint-previous.pth",
+                                            "log.txt"]
     for _ in range(2):  # the restart completes the epoch's outputs, and a second restart changes nothing
         last = tmp_path / "checkpoint-last.pth"
-        open_outputs(args, str(last), load_checkpoint(last)).close()
+        replay_killed_epoch(args, str(last), load_checkpoint(last), None)
     assert [r["epoch"] for r in epoch_log(tmp_path)] == [0, 1] and epoch_log(tmp_path)[1] == record
     for name in ("checkpoint-1.pth", "checkpoint-best.pth"):
         assert torch.equal(load_checkpoint(tmp_path / name)["model"]["weight"], model.weight)

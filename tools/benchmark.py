@@ -4,7 +4,6 @@
     python tools/benchmark.py --model lut_vit_base_patch16 --batch_size 128 --device cuda --amp bf16 --compile
 """
 import argparse
-import copy
 import functools
 import json
 import os
@@ -23,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models_lut  # noqa: E402
-from engine_pretrain import apply_gradients, build_optimizer, masking_noise, pretrain_step  # noqa: E402
+from engine_pretrain import TrainingForward, apply_gradients, build_optimizer, build_teacher  # noqa: E402
+from engine_pretrain import masking_noise, pretrain_step  # noqa: E402
 from util.augment import LUTTwoViews, lut_views_on_device, mae_transform  # noqa: E402
 from util.datasets import PretrainDataset, augmentation_seed, find_images  # noqa: E402
 
@@ -55,9 +55,9 @@ def parse_args(argv=None):
                         help="batch size for timing LUT's device half (view 2's photometric chain, normalisation); "
                              "0 skips it")
     parser.add_argument("--output_json", default=None)
-    # The engine's other arguments at main_pretrain's defaults, but a small constant lr: random images must not blow up.
-    parser.set_defaults(w_mae=1.0, w_bc=0.25, model_ema_decay=0.996, weight_decay=0.05, lr=1e-5, seed=0, rank=0,
-                        world_size=1)
+    # What the engine reads besides: one process, main_pretrain's defaults, but a small constant lr (random images
+    # must not blow up). The models' own defaults weight the losses.
+    parser.set_defaults(model_ema_decay=0.996, weight_decay=0.05, lr=1e-5, seed=0, rank=0, world_size=1)
     args = parser.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
     return args
@@ -96,20 +96,22 @@ def matmul_peak(dtype, device, trials=3, min_seconds=0.2):
 
 def measure_step(args, name, compiled):
     """Time the training step of model `name`, built as main_pretrain builds it."""
-    device, lut = args.device, name.startswith("lut")
+    device, method = args.device, models_lut.model_class(name)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(0)
     student = models_lut.MODELS[name](img_size=args.input_size, patch_size=args.patch_size, norm_pix_loss=True,
-                                      **(dict(head_mlp_dim=args.head_mlp_dim) if lut else {})).to(device)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False) if lut else None
+                                      **(dict(head_mlp_dim=args.head_mlp_dim) if method.needs_teacher else {}))
+    student.to(device)
+    model, teacher = TrainingForward(student), build_teacher(student)
     optimizer = build_optimizer(student, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    views = [torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device) for _ in range(1 + lut)]
+    views = [torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
+             for _ in range(method.num_views)]
     noise = masking_noise(args, 0, 0, args.batch_size, student.num_patches, device)
 
     def step(fn=torch.compile(pretrain_step) if compiled else pretrain_step):
-        scaler.scale(fn(student, teacher, views, noise, args)["loss"]).backward()
+        scaler.scale(fn(model, teacher, views, noise, args)["loss"]).backward()
         apply_gradients(optimizer, scaler, student, teacher, args.model_ema_decay)
     with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
         step(pretrain_step)  # compiled or not, the math is the same

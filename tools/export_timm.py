@@ -17,7 +17,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from analysis import load_model, tool_parser  # first: it puts the repository root on sys.path
 import models_lut
 from util.augment import eval_crop_pct
-from util.pretrained import ENCODER_PREFIXES
+from models_vit import ENCODER_PREFIXES
 
 
 def get_args_parser():

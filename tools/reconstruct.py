@@ -14,7 +14,7 @@ import torch
 # analysis first: it puts the repository root on sys.path.
 from analysis import (enlarge, image_batches, image_paths, load_model, reconstruction_rows, save_images,
                       summary_writer, tool_parser)
-from models_lut import random_masking
+from models_lut import MaskedAutoencoderViT, check_mask_ratio
 
 
 def get_args_parser():
@@ -28,10 +28,12 @@ def get_args_parser():
 
 @torch.no_grad()
 def main(args):
-    if not 0 < args.mask_ratio < 1:
-        raise SystemExit(f"--mask_ratio must be in (0, 1), got {args.mask_ratio}")
     paths = image_paths(args)
     model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
+    try:
+        check_mask_ratio(args.mask_ratio, model.num_patches)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
     if not info["has_decoder"]:
         raise ValueError(f"{args.checkpoint} has no decoder weights (e.g. MAE's encoder-only release); reconstructions "
                          "need a full pre-training checkpoint such as MAE's mae_visualize_vit_large.pth")
@@ -44,8 +46,8 @@ def main(args):
     noise = torch.rand(len(paths), model.num_patches, generator=torch.Generator().manual_seed(args.seed))
     rows = []
     for imgs, batch_noise in zip(image_batches(paths, model, args), noise.split(args.batch_size)):
-        (ids_keep,), (mask,), ids_restore = random_masking(batch_noise.to(args.device), args.mask_ratio)
-        pred = model.forward_decoder(model.forward_encoder(imgs, ids_keep), ids_restore)
+        # MAE's forward: for LUT, the path of view 1 in its training step.
+        _, pred, mask = MaskedAutoencoderViT.forward(model, imgs, args.mask_ratio, batch_noise.to(args.device))
         rows.append(reconstruction_rows(model, imgs, pred, mask, norm_pix_loss).cpu())
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, f"reconstructions_mask{round(args.mask_ratio * 100)}.png")

@@ -90,6 +90,14 @@ class LUTTwoViews:
 
 
 
+def pretrain_views_on_device(batch, device):
+    """A pre-training batch as the model's normalised views on `device`: [imgs] from mae_transform's batch, [view1,
+    view2] from LUTTwoViews' (view1, view2, view 2's photometric parameters), the parameters applied here."""
+    if torch.is_tensor(batch):
+        return [normalize(batch.to(device, non_blocking=True))]
+    return lut_views_on_device(*batch, device)
+
+
 def lut_views_on_device(view1, view2, params, device):
     """LUTTwoViews' device half for a batch: the copies, view 2's photometric chain (util.photometric.apply_view2,
     PIL's arithmetic), both views normalised."""

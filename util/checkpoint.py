@@ -1,9 +1,11 @@
-"""Checkpoints (dicts of tensors and plain values, docs/method.md): crash-safe saving, in the background during
-training, weights_only loading, the training state in and out, and the outputs of a finished epoch."""
+"""The checkpoint format (docs/method.md, "Checkpoints"): what a run folder's checkpoints hold and are called,
+crash-safe writes, in the background during training, weights_only reading, resuming, and the outputs of a finished
+epoch. Every script and tool reads checkpoints through this module."""
 import argparse
 import concurrent.futures
 import contextlib
 import copy
+import glob
 import json
 import os
 import pickle
@@ -14,9 +16,15 @@ import torch
 from util.dist import all_gather_object, barrier, is_main_process
 from util.rng import rng_state, seed_everything, set_rng_state
 
+LAST, PREVIOUS = "checkpoint-last.pth", "checkpoint-previous.pth"
 # Prefixes that wrappers put in front of parameter names: DDP ('module.'), the LUT authors' EMA teacher ('ema.'),
 # MoCo v3 ('base_encoder.') and DINO / iBOT ('backbone.').
 _WRAPPER_PREFIXES = ("module.", "ema.", "base_encoder.", "backbone.")
+
+
+def last_checkpoint(output_dir):
+    """The run folder's newest training state, which a restart resumes from."""
+    return os.path.join(output_dir, LAST)
 
 
 def save_checkpoint(state, path):
@@ -25,7 +33,8 @@ def save_checkpoint(state, path):
 
 def write_atomically(path, write):
     """write(file) into path.tmp, then rename it to `path`, which so holds its old or new content whenever the
-    process dies. A failed write (full disk, quota) removes path.tmp and stops the run in one line.
+    process dies; a replaced checkpoint-last.pth is renamed checkpoint-previous.pth first (the run's second copy,
+    nothing written). A failed write (full disk, quota) removes path.tmp and stops the run in one line.
 
     write may also be a pair (source, write): `path` becomes a hard link to the finished file `source` (the same
     content, nothing copied), or where the file system refuses hard links, write(file) writes it."""
@@ -38,6 +47,8 @@ def write_atomically(path, write):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
+        if os.path.basename(path) == LAST and os.path.exists(path):
+            os.replace(path, os.path.join(os.path.dirname(path), PREVIOUS))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
@@ -79,7 +90,7 @@ def save_in_background(state, path, then=None):
     saved = snapshot(state)
 
     def write():
-        save_checkpoint(saved, path)
+        write_atomically(path, lambda f: torch.save(saved, f))
         if then is not None:
             then(saved)
     _pending = _writer.submit(write)
@@ -109,83 +120,91 @@ def snapshot(value):
     return copy.deepcopy(value)
 
 
+class UnreadableCheckpoint(SystemExit):
+    """A checkpoint file that torch.load cannot read (truncated, corrupt): stops a script with its one-line
+    message, unless a run folder's restart continues from another checkpoint (load_training_state)."""
+
+
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """torch.load(path, weights_only=True), argparse.Namespace allowed (the authors' args); anything else that needs
-    unsafe unpickling is refused. mmap: map the file (to read a few entries of a large checkpoint)."""
+    unsafe unpickling is refused (pickle.UnpicklingError), a damaged file is an UnreadableCheckpoint naming it.
+    mmap: map the file (to read a few entries of a large checkpoint)."""
     wait_for_saves()  # `path` may be this process's own checkpoint, still being written
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        raise
     except Exception as e:
-        if not (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)):
-            e.add_note(f"while reading checkpoint {path}")  # truncated or corrupt files: say which one
-            raise
         found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" (it references {found.group(1)})" if found else ""
-        raise pickle.UnpicklingError(
-            f"checkpoint {path} needs unsafe unpickling{what}, which could run arbitrary code, so it is refused. "
-            "Only tensors, plain Python values and argparse.Namespace are accepted; re-save the weights from a "
-            "trusted environment as a dict of tensors.") from None
+        if found and isinstance(e, pickle.UnpicklingError):
+            raise pickle.UnpicklingError(
+                f"checkpoint {path} needs unsafe unpickling (it references {found.group(1)}), which could run "
+                "arbitrary code, so it is refused. Only tensors, plain Python values and argparse.Namespace are "
+                "accepted; re-save the weights from a trusted environment as a dict of tensors.") from None
+        cause = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise UnreadableCheckpoint(f"checkpoint {path} cannot be read, it is truncated or corrupt "
+                                   f"({type(e).__name__}: {cause.strip()})") from None
 
 
 def find_resume_checkpoint(output_dir, resume, auto_resume):
-    """output_dir/checkpoint-last.pth once this run wrote one (a requeued job continues where it stopped, not from
-    its --resume file), unless auto_resume is off; else `resume`, else None (a fresh start)."""
-    last = os.path.join(output_dir, "checkpoint-last.pth")
-    if auto_resume and os.path.isfile(last):
-        if resume and os.path.realpath(resume) != os.path.realpath(last):
-            print(f"{last} exists: this run continues from it, not from --resume {resume}")
-        return last
+    """The run's own checkpoint-last.pth (or, if a kill came between its two names, checkpoint-previous.pth) once
+    this run wrote one: a requeued job continues where it stopped, not from its --resume file; unless auto_resume is
+    off. Else `resume`, else None (a fresh start)."""
+    own = [p for p in (last_checkpoint(output_dir), os.path.join(output_dir, PREVIOUS)) if os.path.isfile(p)]
+    if auto_resume and own:
+        if resume and os.path.realpath(resume) != os.path.realpath(own[0]):
+            print(f"{own[0]} exists: this run continues from it, not from --resume {resume}")
+        return own[0]
     return resume or None
 
 
-def save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals=None, then=None, **extra):
-    """Save a resumable checkpoint; every rank calls it, rank 0 saves it in the background (save_in_background) and
-    runs then(the saved state) after it there. model: unwrapped; epoch_step: optimizer steps of `epoch` done;
-    totals: the logger totals, kept mid-epoch so the resumed epoch's means cover all of it; extra: more entries
-    (model_ema, max_accuracy, ...)."""
-    rng = all_gather_object(rng_state())  # every rank's own random streams (augmentations, drop path, ...)
-    if is_main_process():
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "epoch": epoch, "epoch_step": epoch_step, "rng": rng, "args": vars(args), **extra}
-        if epoch_step < args.steps_per_epoch:
-            state["epoch_totals"] = totals
-        save_in_background(state, path, then)
-
-
 def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_writer, train_stats, test_stats=None,
-               is_best=False, **extra):
-    """Save output_dir/checkpoint-last.pth after (part of) `epoch`; every rank calls it. At the end of an epoch it
-    also holds the epoch's log record, from which finish_epoch writes the epoch's other outputs after it."""
-    path = os.path.join(args.output_dir, "checkpoint-last.pth")
-    if epoch_step < args.steps_per_epoch:
-        save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, totals, **extra)
+               teacher=None, best=None):
+    """Save the training state after (part of) `epoch` as the run's checkpoint-last.pth, the one it replaces kept as
+    checkpoint-previous.pth; every rank calls it, rank 0 writes in the background. model: unwrapped; epoch_step:
+    optimizer steps of `epoch` done; totals: the logger totals, kept mid-epoch so the resumed epoch's means cover all
+    of it; teacher: LUT's EMA teacher; best: fine-tuning's dict(max_accuracy, best_epoch). At the end of an epoch the
+    checkpoint also holds the epoch's log record, from which finish_epoch then writes the epoch's other outputs."""
+    rng = all_gather_object(rng_state())  # every rank's own random streams (augmentations, drop path, ...)
+    if not is_main_process():
         return
-    record = {**{f"train_{k}": v for k, v in train_stats.items()},
-              **{f"test_{k}": v for k, v in (test_stats or {}).items()}, "epoch": epoch,
-              "n_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    save_training_state(path, args, model, optimizer, scaler, epoch, epoch_step, log_record=record,
-                        then=lambda state: finish_epoch(args, record, is_best, log_writer, state), **extra)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "epoch": epoch, "epoch_step": epoch_step, "global_step": epoch * args.steps_per_epoch + epoch_step,
+             "rng": rng, "args": vars(args)}
+    if teacher is not None:
+        state["model_ema"] = teacher.state_dict()
+    if best is not None:
+        state.update(max_accuracy=best["max_accuracy"], best_epoch=best["best_epoch"])
+    path, then = last_checkpoint(args.output_dir), None
+    if epoch_step < args.steps_per_epoch:
+        state["epoch_totals"] = totals
+    else:
+        state["log_record"] = {**{f"train_{k}": v for k, v in train_stats.items()},
+                               **{f"test_{k}": v for k, v in (test_stats or {}).items()}, "epoch": epoch,
+                               "n_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+        then = lambda saved: finish_epoch(args, saved, path, log_writer)  # noqa: E731
+    save_in_background(state, path, then)
 
 
-def finish_epoch(args, record, is_best, log_writer, state, replay=False):
-    """A finished epoch's outputs after its checkpoint-last.pth, in this order: checkpoint-<epoch>.pth (every
-    --save_freq epochs and the last) and checkpoint-best.pth, hard links to it; TensorBoard scalars; the log.txt line
-    `record`. Rank 0 runs it: in the writer thread after the save, or at a restart (open_outputs). state: the
-    checkpoint's content, written again where the file system has no hard links.
+def finish_epoch(args, state, source, log_writer, replay=False):
+    """A finished epoch's outputs after its checkpoint `source` (checkpoint-last.pth), in this order:
+    checkpoint-<epoch>.pth (every --save_freq epochs and the last) and checkpoint-best.pth (the epoch fine-tuning
+    scored best), hard links to it; TensorBoard scalars; the log.txt line, state["log_record"]. Rank 0 runs it: in
+    the writer thread after the save, or at a restart (replay_killed_epoch). state: the checkpoint's content, written
+    again where the file system has no hard links.
 
-    replay: a restart completes what a killed run left undone: those files older than checkpoint-last.pth are redone,
-    the scalars and log line written unless log.txt has the epoch (a kill right before the line can log scalars
-    twice).
+    replay: a restart completes what a killed run left undone: those files older than `source` are redone, the
+    scalars and log line written unless log.txt has the epoch (a kill right before the line can log scalars twice).
     """
+    record = state["log_record"]
     epoch = record["epoch"]
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    names = ["checkpoint-best.pth"] if is_best else []
+    names = ["checkpoint-best.pth"] if state.get("best_epoch") == epoch else []
     if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
         names.append(f"checkpoint-{epoch}.pth")
     for path in (os.path.join(args.output_dir, name) for name in names):
-        if not (replay and os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(last)):
-            write_atomically(path, (last, lambda f: torch.save(state, f)))
+        if not (replay and os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(source)):
+            write_atomically(path, (source, lambda f: torch.save(state, f)))
     log_path = os.path.join(args.output_dir, "log.txt")
     lines = []
     if os.path.exists(log_path):
@@ -201,6 +220,47 @@ def finish_epoch(args, record, is_best, log_writer, state, replay=False):
         write_atomically(log_path, lambda f: f.write(text.encode()))
 
 
+def replay_killed_epoch(args, path, ckpt, log_writer):
+    """Complete the outputs of the epoch that ended with the run's own checkpoint `path`, which a kill may have cut
+    short (finish_epoch's replay); rank 0 does it, at a restart from that checkpoint."""
+    own = path and os.path.realpath(path) in {os.path.realpath(os.path.join(args.output_dir, name))
+                                              for name in (LAST, PREVIOUS)}
+    if own and ckpt.get("log_record") and is_main_process():
+        finish_epoch(args, ckpt, path, log_writer, replay=True)
+
+
+def read_run_checkpoint(path, output_dir):
+    """load_checkpoint(path), except that a damaged checkpoint of this run's own folder is continued past: the
+    newest readable checkpoint of the folder takes its place (a warning names both; the damaged file is kept as
+    <name>.damaged), so that a requeue is not stopped at every restart. Every rank calls it; returns (path,
+    checkpoint)."""
+    try:
+        return path, load_checkpoint(path)
+    except (UnreadableCheckpoint, pickle.UnpicklingError) as e:
+        if output_dir is None or os.path.dirname(os.path.realpath(path)) != os.path.realpath(output_dir):
+            raise UnreadableCheckpoint(str(e)) from None  # a --resume file: the user's to fix
+        damage = e
+    readable = []
+    for other in sorted(glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))):
+        if os.path.realpath(other) == os.path.realpath(path):
+            continue
+        with contextlib.suppress(UnreadableCheckpoint, pickle.UnpicklingError):
+            ckpt = load_checkpoint(other, mmap=True)
+            if isinstance(ckpt.get("epoch"), int):  # a training state, ordered by how far it got
+                readable.append(((ckpt["epoch"], ckpt.get("epoch_step", float("inf"))), other))
+    if not readable:
+        raise UnreadableCheckpoint(f"{damage}, and {output_dir} holds no other readable checkpoint: restore it, or "
+                                   f"move it away to start this run afresh") from None
+    newest = max(readable)[1]
+    print(f"WARNING: {damage}; continuing from the newest readable checkpoint of the run, {newest}")
+    ckpt = load_checkpoint(newest)
+    barrier()  # every rank has read what it needs before rank 0 moves the damaged file
+    if is_main_process():
+        os.replace(path, path + ".damaged")
+        write_atomically(path, (newest, lambda f: torch.save(ckpt, f)))
+    return path, ckpt
+
+
 def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     """Resume weights (and the teacher's), optimizer, scaler and RNG state from a checkpoint of the same script;
     every rank calls it. Returns (start_epoch, start_step, logger totals, checkpoint): a mid-epoch checkpoint resumes
@@ -209,7 +269,7 @@ def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     barrier()  # rank 0's background save of `path` is on disk before any rank reads it
     if path is None:
         return 0, 0, None, {}
-    ckpt = load_checkpoint(path)
+    path, ckpt = read_run_checkpoint(path, getattr(args, "output_dir", None))
     saved = saved_args(ckpt)
     if saved.get("model", args.model) != args.model:
         raise SystemExit(f"{path} was trained as {saved['model']}, not --model {args.model}; "

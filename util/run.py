@@ -11,10 +11,9 @@ import time
 
 import torch
 
-from util.checkpoint import finish_epoch, load_checkpoint, wait_for_saves
+from util.checkpoint import UnreadableCheckpoint, last_checkpoint, load_checkpoint, wait_for_saves
 from util.dist import (all_reduce_sum, cpu_cores_per_rank, default_num_workers, destroy_distributed,
                        init_distributed, is_main_process, launcher_world_size, local_device)
-from util.logging import create_tb_writer
 
 _output_lock = None  # the open lock file of this process's output folder, held until the process ends
 
@@ -44,7 +43,7 @@ def add_run_args(parser, training=True):
                            help="all-reduce gradients in bf16: half the traffic between nodes, but other numerics")
         group.add_argument("--resume", default="", help="checkpoint to resume from")
         group.add_argument("--no_auto_resume", action="store_false", dest="auto_resume",
-                           help="do not resume from output_dir/checkpoint-last.pth when it exists")
+                           help="do not resume from the last checkpoint in output_dir when there is one")
         group.add_argument("--print_freq", default=20, type=int, help="print progress every N iterations")
         group.add_argument("--save_freq", default=20, type=int,
                            help="also keep checkpoint-<epoch>.pth every N epochs (and after the last)")
@@ -110,10 +109,13 @@ def take_output_dir(args):
 def run_is_finished(args):
     """True, after saying so, when all --epochs are trained and the last epoch's outputs written: a re-run of a
     finished job exits without touching anything."""
-    last, log = (os.path.join(args.output_dir, name) for name in ("checkpoint-last.pth", "log.txt"))
+    last, log = last_checkpoint(args.output_dir), os.path.join(args.output_dir, "log.txt")
     if not (args.auto_resume and os.path.isfile(last) and os.path.isfile(log)):
         return False
-    record = load_checkpoint(last, mmap=True).get("log_record") or {}
+    try:
+        record = load_checkpoint(last, mmap=True).get("log_record") or {}
+    except UnreadableCheckpoint:
+        return False  # the restart continues past it (util.checkpoint.read_run_checkpoint)
     if record.get("epoch", -1) + 1 < args.epochs:
         return False
     with open(log) as f:
@@ -149,17 +151,6 @@ def lock_output_dir(output_dir):
     if all_reduce_sum(float(holder is not None)) > 0:  # every rank stops, not only rank 0
         raise SystemExit(f"--output_dir {output_dir} is in use by another run ({holder or 'see rank 0'}): wait for "
                          f"it to end or stop it, or use another --output_dir")
-
-
-def open_outputs(args, ckpt_path, ckpt):
-    """The TensorBoard writer (None off rank 0), after completing the outputs of the epoch this run's own
-    checkpoint-last.pth ended, if the run resumes from it (finish_epoch's replay)."""
-    log_writer = create_tb_writer(args.log_dir or args.output_dir)
-    last = os.path.join(args.output_dir, "checkpoint-last.pth")
-    own = ckpt_path and os.path.realpath(ckpt_path) == os.path.realpath(last)
-    if own and ckpt.get("log_record") and is_main_process():
-        finish_epoch(args, ckpt["log_record"], ckpt.get("best_epoch") == ckpt["epoch"], log_writer, ckpt, replay=True)
-    return log_writer
 
 
 def end_run(log_writer, start_time, preemption):

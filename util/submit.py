@@ -1,8 +1,8 @@
 """Submit a training script to SLURM with submitit: one task per GPU, requeued after a time limit or preemption.
 
-SLURM sends SIGUSR2 `--signal_delay_s` seconds before the time limit (and at preemption): the training scripts write
-output_dir/checkpoint-last.pth (util/preemption.py), then submitit calls Trainer.checkpoint() and requeues the job
-under the same job id with the same arguments, so it auto-resumes from that file.
+SLURM sends SIGUSR2 `--signal_delay_s` seconds before the time limit (and at preemption): the training scripts save
+their last checkpoint in output_dir (util/preemption.py), then submitit calls Trainer.checkpoint() and requeues the
+job under the same job id with the same arguments, so it auto-resumes from that file.
 """
 import argparse
 import copy
@@ -65,7 +65,7 @@ class Trainer:
             args.log_dir = args.log_dir.replace("%j", job_id)
         importlib.import_module(self.entry).main(args)  # returns nothing: submitit would pickle the models
 
-    def checkpoint(self):  # the training state is already in output_dir/checkpoint-last.pth
+    def checkpoint(self):  # the training state is already in output_dir's last checkpoint
         return submitit.helpers.DelayedSubmission(Trainer(self.entry, self.args))
 
 
