@@ -163,8 +163,7 @@ def evaluate(model, data_loader, device, amp="none", reduce=False, classes=None,
     not DDP, since the ranks' shards may differ in length.
 
     reduce: the loader holds this rank's shard (--dist_eval); counts are summed over ranks, so the result is exactly
-    the whole set's. classes: the indices of the competing logits, which the labels index, e.g. ImageNet-R's 200.
-    """
+    the whole set's. classes: the indices of the competing logits, which the labels index, e.g. ImageNet-R's 200."""
     model.eval()
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     # loss sum, top-1 hits, top-5 hits, images; float64 keeps the counts exact.

@@ -2,18 +2,15 @@
 
 `pretrain_step` (the losses of one micro-batch) and `apply_gradients` (optimizer step and teacher update) are the
 whole computation of a training step; `train_one_epoch` adds data, schedules and logging around them, and
-tools/benchmark.py times exactly these functions. The model computes the method (its forward_train); nothing here
-depends on which method it is.
-"""
+tools/benchmark.py times exactly these functions. The model computes the method (forward_train), whichever it is."""
 import contextlib
 import copy
-import hashlib
 
 import torch
 from timm.optim import param_groups_weight_decay
 
 from util.augment import pretrain_views_on_device
-from util.datasets import check_unreadable
+from util.datasets import augmentation_seed, check_unreadable
 from util.dist import autocast
 from util.ema import momentum_at, update_teacher
 from util.lr_sched import adjust_learning_rate
@@ -24,11 +21,9 @@ def masking_noise(args, epoch, micro_step, batch_size, num_patches, device):
     """Masking noise [batch_size, L] for this rank, a pure function of (seed, epoch, micro step).
 
     The noise of the whole global batch is drawn and rank r keeps rows r::world_size: the sampler deals samples the
-    same way, so each image gets the same mask whatever the number of ranks, and a resumed run draws the same masks.
-    """
-    key = hashlib.blake2b(f"{args.seed}/{epoch}/{micro_step}".encode(), digest_size=8).digest()
+    same way, so each image gets the same mask whatever the number of ranks, and a resumed run draws the same masks."""
     g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(key, "little") >> 1)
+    g.manual_seed(augmentation_seed(args.seed, epoch, micro_step))  # the same hash as the augmentations' seeds
     noise = torch.rand(batch_size * args.world_size, num_patches, generator=g, device=device)
     return noise[args.rank::args.world_size]
 
@@ -51,12 +46,9 @@ def build_teacher(student):
 
 
 def pretrain_step(model, teacher, views, noise, args):
-    """The losses of one micro-batch under the --amp autocast: the student's forward_train dict, e.g. dict(loss, mim,
-    bc) for LUT, dict(loss) for MAE; `loss` is what is back-propagated.
-
-    model: TrainingForward(student), DDP-wrapped when distributed; teacher: the EMA copy in eval mode, or None;
-    views: as many [B, 3, H, W] batches as the student's num_views; noise: [B, L] masking noise.
-    """
+    """The student's forward_train dict for one micro-batch under the --amp autocast, e.g. dict(loss, mim, bc) for
+    LUT. model: TrainingForward(student), DDP-wrapped when distributed; teacher: the EMA copy in eval mode, or None;
+    views: as many [B, 3, H, W] batches as the student's num_views; noise: [B, L] masking noise."""
     with autocast(views[0].device, args.amp):
         targets = teacher.forward_teacher(*views) if teacher is not None else None
         return model(views, args.mask_ratio, noise, targets)
@@ -86,8 +78,7 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
     An epoch is args.steps_per_epoch optimizer steps of args.accum_iter micro-batches. model: TrainingForward(student),
     DDP-wrapped when distributed; teacher: the EMA copy, or None; step_fn: pretrain_step or its torch.compile;
     totals: the logger totals of the epoch's first part when resuming mid-epoch.
-    Returns (epoch means, optimizer steps of the epoch done, logger totals).
-    """
+    Returns (epoch means, optimizer steps of the epoch done, logger totals)."""
     model.train()
     student = getattr(model, "module", model).student  # DDP keeps the module it wraps in .module
     accum = args.accum_iter

@@ -1,14 +1,5 @@
-"""Fine-tune a pre-trained encoder for image classification, on one CPU/GPU or with torchrun / srun.
-
-    torchrun --nproc_per_node=8 main_finetune.py --model vit_base_patch16 --finetune lut_b.pth \
-        --data_path /imagenet --batch_size 128 --epochs 100 --dist_eval --output_dir out/ft_b
-
-Only evaluate a fine-tuned checkpoint:
-
-    python main_finetune.py --model vit_base_patch16 --eval --resume out/ft_b/checkpoint-best.pth --data_path /imagenet
-
-See TRAINING.md for the recipes.
-"""
+"""Fine-tune a pre-trained encoder for image classification (or --eval a fine-tuned one), on one CPU/GPU or with
+torchrun / srun. TRAINING.md has the recipes and commands."""
 import argparse
 import json
 import os

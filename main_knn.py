@@ -1,13 +1,8 @@
 """Weighted k-NN accuracy of a pre-trained encoder (DINO's protocol: k = 20, temperature 0.07), no training.
 
-    python main_knn.py --model vit_base_patch16 --finetune lut_b.pth --data_path /imagenet
-    torchrun --nproc_per_node=8 main_knn.py --model vit_base_patch16 --finetune lut_b.pth --checkpoint_key model_ema \
-        --data_path /imagenet
-
 data_path/train/<class>/ is the labelled memory bank, data_path/val/<class>/ is classified. Features are the CLS
 token after the encoder's final norm (--lut_global: the mean of the final-norm patch tokens), L2-normalised. Without
---finetune the encoder keeps its random initialisation (a baseline).
-"""
+--finetune the encoder keeps its random initialisation (a baseline). TRAINING.md has the commands."""
 import argparse
 import json
 import os

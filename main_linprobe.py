@@ -1,14 +1,9 @@
 """Linear probing of a frozen pre-trained encoder, MAE's protocol, on one CPU/GPU or with torchrun / srun.
 
-The encoder is frozen; only BatchNorm (no affine) + a linear layer on its features are trained, with LARS, no
-weight decay, MAE's RandomResizedCrop + flip. Features are the CLS token after the final norm; --global_pool: MAE's
-fresh, frozen fc_norm on the mean of the pre-norm patch tokens; --lut_global: the mean of the final-norm patch tokens.
-
-    torchrun --nproc_per_node=8 main_linprobe.py --model vit_base_patch16 --finetune lut_b.pth \
-        --data_path /imagenet --batch_size 512 --accum_iter 4 --dist_eval --output_dir out/lin_b
-
-Checkpoints, auto-resume, --eval and --dist_eval work as in main_finetune.py. See TRAINING.md.
-"""
+Only BatchNorm (no affine) + a linear layer on the encoder's features are trained, with LARS, no weight decay, MAE's
+RandomResizedCrop + flip. Features are the CLS token after the final norm; --global_pool: MAE's fresh, frozen fc_norm
+on the mean of the pre-norm patch tokens; --lut_global: the mean of the final-norm patch tokens. Checkpoints,
+auto-resume, --eval and --dist_eval are main_finetune.py's; TRAINING.md has the commands."""
 import argparse
 import json
 import os

@@ -1,10 +1,5 @@
-"""Pre-train LUT or MAE on an image folder, on one CPU/GPU or with torchrun / srun across nodes.
-
-    torchrun --nproc_per_node=8 main_pretrain.py --model lut_vit_base_patch16 --data_path /imagenet \
-        --batch_size 128 --accum_iter 4 --epochs 1600 --output_dir out/lut_b
-
-See PRETRAIN.md for the recipes and docs/method.md for the method.
-"""
+"""Pre-train LUT or MAE on an image folder, on one CPU/GPU or with torchrun / srun across nodes. PRETRAIN.md has
+the recipes and commands, docs/method.md the method."""
 import argparse
 import datetime
 import itertools

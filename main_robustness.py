@@ -1,14 +1,9 @@
 """Robustness of a fine-tuned ImageNet classifier: ImageNet-V2, -Sketch, -R, -A and -C, each by its authors' rules.
 
-    python main_robustness.py --model vit_base_patch16 --resume out/ft_lut_vit_b/checkpoint-best.pth \
-        --data_root /datasets/robustness --output_dir out/robust_lut_vit_b
-    torchrun --nproc_per_node=8 main_robustness.py ... --dist_eval
-
 --data_root holds any of imagenet-v2/, imagenet-sketch/, imagenet-r/, imagenet-a/, imagenet-c/ in their released
-layouts (TRAINING.md, "Robustness"); --imagenet_v2_path etc. point at one elsewhere. The evaluation view and precision
-are fine-tuning's. output_dir/robustness.json is written after every set (every corruption and severity of
-ImageNet-C), so a run killed mid-way resumes with what is left.
-"""
+layouts (TRAINING.md, "Robustness", has the commands); --imagenet_v2_path etc. point at one elsewhere. The evaluation
+view and precision are fine-tuning's. output_dir/robustness.json is written after every set (every corruption and
+severity of ImageNet-C), so a run killed mid-way resumes with what is left."""
 import argparse
 import json
 import os

@@ -2,8 +2,7 @@
 
 `MaskedAutoencoderViT` is plain MAE. `LUT` adds the projector (`head`) and predictor on top of the same encoder and
 decoder: the student reconstructs the masked patches of view 1 and predicts, from the visible tokens of each view,
-the teacher's embedding of the other, unmasked view (the broader-context loss).
-"""
+the teacher's embedding of the other, unmasked view (the broader-context loss)."""
 import functools
 from functools import partial
 
@@ -35,8 +34,7 @@ def random_masking(noise, mask_ratio, num_views=1):
     noise: [B, L]. With perm = argsort(noise), view v keeps perm[:, v*n:(v+1)*n], n = int(L * (1 - mask_ratio)),
     so the visible sets of different views never overlap.
     Returns (ids_keep, masks, ids_restore): lists of `num_views` tensors [B, n] and [B, L] (1 = removed, 0 = kept,
-    original patch order), and ids_restore [B, L] which un-shuffles view 1's tokens for the decoder.
-    """
+    original patch order), and ids_restore [B, L] which un-shuffles view 1's tokens for the decoder."""
     B, L = noise.shape
     n = check_mask_ratio(mask_ratio, L, num_views)
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -54,8 +52,7 @@ def random_masking(noise, mask_ratio, num_views=1):
 def bc_loss(q1, q2, k1, k2):
     """Broader-context loss: symmetric, cross-view only. q: student predictions, k: teacher targets, all [B, D].
 
-    l(a, b) = 2 - 2 cos(a, b), averaged over the batch; L = (l(q1, sg(k2)) + l(q2, sg(k1))) / 2.
-    """
+    l(a, b) = 2 - 2 cos(a, b), averaged over the batch; L = (l(q1, sg(k2)) + l(q2, sg(k1))) / 2."""
     def pair(q, k):
         q, k = F.normalize(q.float(), dim=-1), F.normalize(k.detach().float(), dim=-1)
         return (2 - 2 * (q * k).sum(dim=-1)).mean()
@@ -63,7 +60,6 @@ def bc_loss(q1, q2, k1, k2):
 
 
 def lut_loss(mim_loss, bc, w_mae=1.0, w_bc=0.25):
-    """LUT's training loss: w_mae * reconstruction + w_bc * broader context."""
     return w_mae * mim_loss + w_bc * bc
 
 
@@ -71,8 +67,7 @@ def build_mlp(num_layers, in_dim, mlp_dim, out_dim, norm_layer="BN", act_layer="
     """Projector / predictor: (Linear -> norm -> act) x (num_layers - 1) -> Linear, no biases; 0 layers = identity.
 
     Plain nn.Sequential so the state-dict indices match the authors' checkpoints (BN: 0 Linear, 1 BN, 2 ReLU,
-    3 Linear; no norm: 0 Linear, 1 ReLU, 2 Linear).
-    """
+    3 Linear; no norm: 0 Linear, 1 ReLU, 2 Linear)."""
     if num_layers == 0:
         return nn.Identity()
     norms = {"BN": nn.BatchNorm1d, "LN": nn.LayerNorm, "none": None}
@@ -215,8 +210,7 @@ class MaskedAutoencoderViT(nn.Module):
         return self.forward_loss(imgs, pred, mask), pred, mask
 
     def forward_train(self, views, mask_ratio=0.75, noise=None, targets=None):
-        """The training loss of one batch. views: [imgs], as many as num_views; targets: None (no teacher).
-        Returns dict(loss): what is back-propagated, and (here, for LUT) its logged terms."""
+        """views: [imgs [B, C, H, W]]; targets: None. Returns dict(loss): what is back-propagated (and logged)."""
         loss, _, _ = self(*views, mask_ratio=mask_ratio, noise=noise)
         return dict(loss=loss)
 
@@ -242,8 +236,7 @@ class LUT(MaskedAutoencoderViT):
         """Student path on two views of the same images, imgs1/imgs2: [B, C, H, W]; noise: optional [B, L].
 
         Returns a dict: mim_loss (reconstruction of view 1), q1 / q2 [B, D] (predictor outputs of each view),
-        pred [B, L, p*p*C] (view 1), mask1 / mask2 [B, L] (1 = removed).
-        """
+        pred [B, L, p*p*C] (view 1), mask1 / mask2 [B, L] (1 = removed)."""
         (keep1, keep2), (mask1, mask2), ids_restore = random_masking(self.draw_noise(imgs1, noise), mask_ratio, 2)
         # One encoder call for both views: every op is per-sample, so this equals two calls.
         latent1, latent2 = self.forward_encoder(torch.cat([imgs1, imgs2]), torch.cat([keep1, keep2])).chunk(2)
@@ -257,8 +250,7 @@ class LUT(MaskedAutoencoderViT):
     forward = forward_student
 
     def forward_train(self, views, mask_ratio=0.75, noise=None, targets=None):
-        """The training loss of one batch. views: [view1, view2], each [B, C, H, W]; targets: the teacher's
-        forward_teacher(view1, view2). Returns dict(loss = w_mae * mim + w_bc * bc, mim, bc)."""
+        """views: [view1, view2]; targets: the teacher's forward_teacher(*views). Returns dict(loss, mim, bc)."""
         out = self.forward_student(*views, mask_ratio=mask_ratio, noise=noise)
         bc = bc_loss(out["q1"], out["q2"], *targets)
         return dict(loss=lut_loss(out["mim_loss"], bc, self.w_mae, self.w_bc), mim=out["mim_loss"], bc=bc)
@@ -306,7 +298,6 @@ MODELS = {f"{kind}_vit_{size}_patch16": globals()[f"{kind}_vit_{size}_patch16"]
 
 @functools.cache
 def model_class(name):
-    """The class of MODELS[name], whose num_views and needs_teacher say what it trains on; built on the meta device,
-    so without weights."""
+    """The class of MODELS[name] (its num_views, needs_teacher), from a build on the meta device: no weights."""
     with torch.device("meta"):
         return type(MODELS[name]())

@@ -1,15 +1,7 @@
-"""Classifier ViTs for fine-tuning, linear probing and k-NN evaluation (docs/method.md): timm's `VisionTransformer`.
-
-The encoder keys (`patch_embed.proj.*`, `cls_token`, `pos_embed`, `blocks.{i}.*`, `norm.*`) are those of the
-pre-training encoders in models_lut.py, so loading pre-trained weights is a key filter (`load_pretrained`, which reads
-ours (`model` = student, `model_ema` = teacher), the LUT authors' (teacher keys prefixed `ema.`) and MAE's released
-checkpoints (`{'model': ...}`) through util.checkpoint, weights_only).
-
-    global_pool='avg' (default): mean of the patch tokens, then a new LayerNorm `fc_norm`; the final `norm` is
-        dropped, so the checkpoint's `norm.*` goes unused (MAE's fine-tuning, and its --global_pool linear probe).
-    global_pool='avg', fc_norm=False: mean of the final-norm patch tokens (the LUT global vector: --lut_global).
-    global_pool='token': the CLS token after the final norm (MAE's --cls_token fine-tuning and default probe).
-"""
+"""Classifier ViTs for fine-tuning, linear probing and k-NN: timm's `VisionTransformer` with the encoder keys of
+models_lut.py, so loading pre-trained weights (ours, the LUT authors', MAE's) is a key filter. Pooling (docs/method.md,
+6): global_pool='avg' (the patch tokens' mean, a new `fc_norm`, the final `norm` unused), 'avg' with fc_norm=False
+(the mean of the final-norm patch tokens: --lut_global), or 'token' (the CLS token after the final norm)."""
 from functools import partial
 
 import torch.nn as nn
@@ -59,8 +51,7 @@ def load_encoder(model, state, source="checkpoint"):
     """Copy an encoder state dict into `model` (a timm VisionTransformer); returns the keys left at initialisation.
 
     Only the new head and fc_norm may be missing, and only the final `norm` may go unused (when the model pools with
-    fc_norm). Anything else raises a ValueError listing the offending keys before any weight is copied.
-    """
+    fc_norm). Anything else raises a ValueError listing the offending keys before any weight is copied."""
     state = resample_pos_embed(state, model)
     own = model.state_dict()
     problems = {

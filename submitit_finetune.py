@@ -1,11 +1,5 @@
-"""Submit main_finetune.py to SLURM: one task per GPU, requeued at the time limit or preemption.
-
-    python submitit_finetune.py --nodes 4 --ngpus 8 --timeout 4320 --partition gpu \
-        --model vit_base_patch16 --finetune lut_vit_b.pth --data_path /datasets/imagenet \
-        --batch_size 32 --epochs 100 --dist_eval --output_dir /shared/out/ft_lut_vit_b
-
-Takes main_finetune.py's flags plus the SLURM flags of util/submit.py. See TRAINING.md ("SLURM").
-"""
+"""Submit main_finetune.py to SLURM (its flags plus util/submit.py's): one task per GPU, requeued at the time limit or
+preemption. TRAINING.md ("SLURM") shows the command."""
 from util.submit import submit
 
 if __name__ == "__main__":

@@ -5,8 +5,7 @@ memory, the pin-memory thread and the host-to-GPU copy. `normalize` turns a batc
 float32 on the device, exactly as torchvision's ToTensor + Normalize would have in the worker. LUT's view 2 leaves the
 worker cropped and flipped, with its photometric parameters; `lut_views_on_device` applies them to the batch with
 PIL's own arithmetic (util/photometric.py). Every random choice draws from torch's CPU RNG (never python's `random`),
-so PretrainDataset can make each augmentation a pure function of its seed.
-"""
+so PretrainDataset can make each augmentation a pure function of its seed."""
 import functools
 import math
 
@@ -49,8 +48,7 @@ class LUTTwoViews:
 
     Both views: resize the shorter side to `input_size`, random crop with 4-pixel reflect padding, horizontal flip —
     LUT deliberately avoids RandomResizedCrop. View 1 stays photometrically clean because it is also the
-    reconstruction target; view 2 adds colour jitter and one of grayscale / solarize / blur.
-    """
+    reconstruction target; view 2 adds colour jitter and one of grayscale / solarize / blur."""
 
     def __init__(self, input_size):
         self.resize = T.Resize(input_size, interpolation=BICUBIC)
@@ -71,8 +69,7 @@ class LUTTwoViews:
         and a PIL Gaussian blur of radius uniform in [0.1, 2] chosen by torch.randint(3) — including the draws that
         change nothing (RandomSolarize's coin at p = 1). A dict of tensors, the input of util.photometric.apply_view2:
         jitter (bool), order (ColorJitter's four ops: 0 brightness, 1 contrast, 2 saturation, 3 hue), their factors
-        (float32, as drawn), choice (0 grayscale, 1 solarize, 2 blur), radius; identity values where not drawn.
-        """
+        (float32, as drawn), choice (0 grayscale, 1 solarize, 2 blur), radius; identity values where not drawn."""
         jitter = not JITTER_P < torch.rand(1)  # RandomApply skips when p < torch.rand(1)
         order, *factors = torch.arange(4), 1.0, 1.0, 1.0, 0.0
         if jitter:
@@ -87,7 +84,6 @@ class LUTTwoViews:
         params = dict(zip(("brightness", "contrast", "saturation", "hue"), factors), radius=radius)
         return dict(jitter=torch.tensor(jitter), order=order, choice=torch.tensor(choice),
                     **{key: torch.tensor(value, dtype=torch.float32) for key, value in params.items()})
-
 
 
 def pretrain_views_on_device(batch, device):

@@ -31,8 +31,7 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     host sync (two all-reduces of C + 1 and C numbers, no data-dependent branch), so the CPU keeps queueing GPU work;
     a global batch of one sample, for which BatchNorm is undefined, is refused by the scripts before training.
     Gradients follow torch.nn.SyncBatchNorm (the all-reduce sums them over ranks in backward): each rank's input
-    gradient is that of the sum of all ranks' losses, so DDP-averaged parameters get the gradient of the mean loss.
-    """
+    gradient is that of the sum of all ranks' losses, so DDP-averaged parameters get the gradient of the mean loss."""
 
     def forward(self, x):
         use_batch_stats = self.training or not self.track_running_stats

@@ -33,8 +33,7 @@ def save_checkpoint(state, path):
 
 def write_atomically(path, write):
     """write(file) into path.tmp, then rename it to `path`, which so holds its old or new content whenever the
-    process dies; a replaced checkpoint-last.pth is renamed checkpoint-previous.pth first (the run's second copy,
-    nothing written). A failed write (full disk, quota) removes path.tmp and stops the run in one line.
+    process dies. A failed write (full disk, quota) removes path.tmp and stops the run in one line.
 
     write may also be a pair (source, write): `path` becomes a hard link to the finished file `source` (the same
     content, nothing copied), or where the file system refuses hard links, write(file) writes it."""
@@ -47,8 +46,6 @@ def write_atomically(path, write):
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-        if os.path.basename(path) == LAST and os.path.exists(path):
-            os.replace(path, os.path.join(os.path.dirname(path), PREVIOUS))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(OSError):
@@ -81,15 +78,18 @@ _writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefi
 _pending = None  # the Future of the last write handed to _writer, until wait_for_saves collects it
 
 
-def save_in_background(state, path, then=None):
+def save_in_background(state, path, then=None, previous=None):
     """save_checkpoint(state, path) in the writer thread, followed there by then(the saved copy); returns once
-    `state` is copied, while training goes on. The previous background save is waited for first (one copy in
-    memory at a time), and its failure raised here."""
+    `state` is copied, while training goes on. previous: the file `path` replaces keeps this second name (a hard
+    link, or a rename where there are none: nothing is written). The previous background save is waited for first
+    (one copy in memory at a time), and its failure raised here."""
     global _pending
     wait_for_saves()
     saved = snapshot(state)
 
     def write():
+        if previous is not None and os.path.exists(path) and not _hard_link(path, previous):
+            os.replace(path, previous)
         write_atomically(path, lambda f: torch.save(saved, f))
         if then is not None:
             then(saved)
@@ -121,8 +121,7 @@ def snapshot(value):
 
 
 class UnreadableCheckpoint(SystemExit):
-    """A checkpoint file that torch.load cannot read (truncated, corrupt): stops a script with its one-line
-    message, unless a run folder's restart continues from another checkpoint (load_training_state)."""
+    """A truncated or corrupt checkpoint: a one-line stop, unless a restart continues past it (read_run_checkpoint)."""
 
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
@@ -148,9 +147,8 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
 
 
 def find_resume_checkpoint(output_dir, resume, auto_resume):
-    """The run's own checkpoint-last.pth (or, if a kill came between its two names, checkpoint-previous.pth) once
-    this run wrote one: a requeued job continues where it stopped, not from its --resume file; unless auto_resume is
-    off. Else `resume`, else None (a fresh start)."""
+    """The run's checkpoint-last.pth (checkpoint-previous.pth if a kill came before it was written anew) once it wrote
+    one and auto_resume is on: a requeued job continues where it stopped, not from --resume; else `resume` or None."""
     own = [p for p in (last_checkpoint(output_dir), os.path.join(output_dir, PREVIOUS)) if os.path.isfile(p)]
     if auto_resume and own:
         if resume and os.path.realpath(resume) != os.path.realpath(own[0]):
@@ -161,11 +159,10 @@ def find_resume_checkpoint(output_dir, resume, auto_resume):
 
 def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_writer, train_stats, test_stats=None,
                teacher=None, best=None):
-    """Save the training state after (part of) `epoch` as the run's checkpoint-last.pth, the one it replaces kept as
-    checkpoint-previous.pth; every rank calls it, rank 0 writes in the background. model: unwrapped; epoch_step:
-    optimizer steps of `epoch` done; totals: the logger totals, kept mid-epoch so the resumed epoch's means cover all
-    of it; teacher: LUT's EMA teacher; best: fine-tuning's dict(max_accuracy, best_epoch). At the end of an epoch the
-    checkpoint also holds the epoch's log record, from which finish_epoch then writes the epoch's other outputs."""
+    """Save the training state after (part of) `epoch` as checkpoint-last.pth; every rank calls it, rank 0 writes in
+    the background. model: unwrapped; epoch_step: optimizer steps of `epoch` done; totals: the logger totals, kept
+    mid-epoch so the resumed epoch's means cover all of it; teacher: LUT's; best: fine-tuning's dict(max_accuracy,
+    best_epoch). An epoch's end also stores its log record, from which finish_epoch writes the other outputs."""
     rng = all_gather_object(rng_state())  # every rank's own random streams (augmentations, drop path, ...)
     if not is_main_process():
         return
@@ -184,19 +181,15 @@ def save_epoch(args, model, optimizer, scaler, epoch, epoch_step, totals, log_wr
                                **{f"test_{k}": v for k, v in (test_stats or {}).items()}, "epoch": epoch,
                                "n_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
         then = lambda saved: finish_epoch(args, saved, path, log_writer)  # noqa: E731
-    save_in_background(state, path, then)
+    save_in_background(state, path, then, os.path.join(args.output_dir, PREVIOUS))
 
 
 def finish_epoch(args, state, source, log_writer, replay=False):
-    """A finished epoch's outputs after its checkpoint `source` (checkpoint-last.pth), in this order:
-    checkpoint-<epoch>.pth (every --save_freq epochs and the last) and checkpoint-best.pth (the epoch fine-tuning
-    scored best), hard links to it; TensorBoard scalars; the log.txt line, state["log_record"]. Rank 0 runs it: in
-    the writer thread after the save, or at a restart (replay_killed_epoch). state: the checkpoint's content, written
-    again where the file system has no hard links.
-
-    replay: a restart completes what a killed run left undone: those files older than `source` are redone, the
-    scalars and log line written unless log.txt has the epoch (a kill right before the line can log scalars twice).
-    """
+    """A finished epoch's outputs after its checkpoint `source` (with content `state`), in this order:
+    checkpoint-<epoch>.pth (every --save_freq epochs and the last) and checkpoint-best.pth, hard links to `source`
+    (else written from `state`); TensorBoard scalars; the log.txt line state["log_record"]. Rank 0 runs it in the
+    writer thread, or at a restart with replay: files older than `source` are redone, the scalars and log line
+    written unless log.txt has the epoch (a kill right before the line can log scalars twice)."""
     record = state["log_record"]
     epoch = record["epoch"]
     names = ["checkpoint-best.pth"] if state.get("best_epoch") == epoch else []
@@ -221,8 +214,7 @@ def finish_epoch(args, state, source, log_writer, replay=False):
 
 
 def replay_killed_epoch(args, path, ckpt, log_writer):
-    """Complete the outputs of the epoch that ended with the run's own checkpoint `path`, which a kill may have cut
-    short (finish_epoch's replay); rank 0 does it, at a restart from that checkpoint."""
+    """At a restart from the run's own checkpoint `path`: complete its epoch's outputs, which a kill may have cut."""
     own = path and os.path.realpath(path) in {os.path.realpath(os.path.join(args.output_dir, name))
                                               for name in (LAST, PREVIOUS)}
     if own and ckpt.get("log_record") and is_main_process():
@@ -230,35 +222,27 @@ def replay_killed_epoch(args, path, ckpt, log_writer):
 
 
 def read_run_checkpoint(path, output_dir):
-    """load_checkpoint(path), except that a damaged checkpoint of this run's own folder is continued past: the
-    newest readable checkpoint of the folder takes its place (a warning names both; the damaged file is kept as
-    <name>.damaged), so that a requeue is not stopped at every restart. Every rank calls it; returns (path,
-    checkpoint)."""
+    """load_checkpoint(path), but a damaged checkpoint of the run folder `output_dir` is continued past, so that it
+    does not stop every requeue: its newest readable checkpoint takes the place of `path` (a warning names both, the
+    damaged file stays as <path>.damaged). Every rank calls it."""
     try:
-        return path, load_checkpoint(path)
+        return load_checkpoint(path)
     except (UnreadableCheckpoint, pickle.UnpicklingError) as e:
         if output_dir is None or os.path.dirname(os.path.realpath(path)) != os.path.realpath(output_dir):
             raise UnreadableCheckpoint(str(e)) from None  # a --resume file: the user's to fix
         damage = e
-    readable = []
-    for other in sorted(glob.glob(os.path.join(output_dir, "checkpoint-*.pth"))):
-        if os.path.realpath(other) == os.path.realpath(path):
-            continue
+    others = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")) if not os.path.samefile(p, path)]
+    for other in sorted(others, key=os.path.getmtime, reverse=True):
         with contextlib.suppress(UnreadableCheckpoint, pickle.UnpicklingError):
-            ckpt = load_checkpoint(other, mmap=True)
-            if isinstance(ckpt.get("epoch"), int):  # a training state, ordered by how far it got
-                readable.append(((ckpt["epoch"], ckpt.get("epoch_step", float("inf"))), other))
-    if not readable:
-        raise UnreadableCheckpoint(f"{damage}, and {output_dir} holds no other readable checkpoint: restore it, or "
-                                   f"move it away to start this run afresh") from None
-    newest = max(readable)[1]
-    print(f"WARNING: {damage}; continuing from the newest readable checkpoint of the run, {newest}")
-    ckpt = load_checkpoint(newest)
-    barrier()  # every rank has read what it needs before rank 0 moves the damaged file
-    if is_main_process():
-        os.replace(path, path + ".damaged")
-        write_atomically(path, (newest, lambda f: torch.save(ckpt, f)))
-    return path, ckpt
+            ckpt = load_checkpoint(other)
+            print(f"WARNING: {damage}; continuing from the newest readable checkpoint of the run, {other}")
+            barrier()  # every rank has read it before rank 0 moves the damaged file
+            if is_main_process():
+                os.replace(path, path + ".damaged")
+                write_atomically(path, (other, lambda f: torch.save(ckpt, f)))
+            return ckpt
+    raise UnreadableCheckpoint(f"{damage}, and {output_dir} holds no other readable checkpoint: restore it, or move "
+                               f"it away to start this run afresh")
 
 
 def load_training_state(path, args, model, optimizer, scaler, teacher=None):
@@ -269,7 +253,7 @@ def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     barrier()  # rank 0's background save of `path` is on disk before any rank reads it
     if path is None:
         return 0, 0, None, {}
-    path, ckpt = read_run_checkpoint(path, getattr(args, "output_dir", None))
+    ckpt = read_run_checkpoint(path, getattr(args, "output_dir", None))
     saved = saved_args(ckpt)
     if saved.get("model", args.model) != args.model:
         raise SystemExit(f"{path} was trained as {saved['model']}, not --model {args.model}; "

@@ -40,8 +40,7 @@ def load_image(path, draft_size=None):
     """8-bit RGB PIL image; an unreadable file raises OSError naming it. 16-bit greyscale is scaled to 8 bits, float
     greyscale in [0, 1] to 0..255; other float ranges are refused, as there is no telling what they mean.
     draft_size: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 (in the DCT domain) while both sides stay
-    >= draft_size: several times faster for large photos, the pixels differing slightly from a full decode + resize.
-    """
+    >= draft_size: several times faster for large photos, the pixels differing slightly from a full decode + resize."""
     try:
         with Image.open(path) as img:
             if draft_size is not None:

@@ -13,8 +13,7 @@ def momentum_at(step, total_steps, m0):
 def update_teacher(teacher, student, m):
     """t <- m * t + (1 - m) * s for every floating tensor (weights and BN running stats); integer buffers are copied.
 
-    `student` must be the unwrapped model (not DDP), with the same state-dict keys as `teacher`.
-    """
+    `student` must be the unwrapped model (not DDP), with the same state-dict keys as `teacher`."""
     t_state, s_state = teacher.state_dict(), student.state_dict()
     if t_state.keys() != s_state.keys():
         raise ValueError("teacher and student have different state-dict keys")

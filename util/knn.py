@@ -1,8 +1,7 @@
 """Weighted k-NN classification on frozen, L2-normalised features, as DINO reports it (k = 20, temperature 0.07).
 
 Each validation image votes over its k most cosine-similar training images, each weighted by exp(similarity /
-temperature); the class with the largest vote wins. No training, so it tracks representation quality cheaply.
-"""
+temperature); the class with the largest vote wins. No training, so it tracks representation quality cheaply."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -48,8 +47,7 @@ def knn_scores(train_features, train_labels, test_features, num_classes, k=20, t
     """Class votes [N_test, num_classes]: each test row sums exp(cos / temperature) over its k nearest training rows.
 
     train_features [N_train, D] and test_features [N_test, D] L2-normalised; train_labels [N_train]. Test rows go in
-    chunks so the similarity matrix stays chunk_size x N_train.
-    """
+    chunks so the similarity matrix stays chunk_size x N_train."""
     k = min(k, len(train_features))
     scores = []
     for chunk in test_features.split(chunk_size):

@@ -7,8 +7,7 @@ class LARS(torch.optim.Optimizer):
 
     For a parameter w with ndim > 1 and gradient g: u = g + weight_decay * w, then
     u <- u * trust_coefficient * ||w|| / ||u|| (left as is when either norm is 0). Biases and other 1-d parameters
-    take the plain gradient with no decay and no rescaling. Then m <- momentum * m + u and w <- w - lr * m.
-    """
+    take the plain gradient with no decay and no rescaling. Then m <- momentum * m + u and w <- w - lr * m."""
 
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,

@@ -30,8 +30,7 @@ class MetricLogger:
     any checkpoint is written) and, with a `log_writer`, written to TensorBoard as `<tb_prefix><name>` against
     epoch_1000x (MAE's x-axis). set(lr=x) records a value shown and logged as is. summary() gives the epoch means
     over ranks and the last set() values. totals: what totals() returned for the first part of an epoch (mid-epoch
-    checkpoint), so that after a resume the epoch means cover the whole epoch.
-    """
+    checkpoint), so that after a resume the epoch means cover the whole epoch."""
 
     def __init__(self, header="", print_freq=20, total_iters=None, totals=None, epoch=0, log_writer=None,
                  tb_prefix=""):

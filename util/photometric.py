@@ -5,8 +5,7 @@ as tensors [B], on any device, without a loop over samples or a host sync. The f
 Pillow's source (float32 where it computes in `float`, float64 where in `double`, truncation where it casts to an
 integer): brightness, contrast, saturation, grayscale, solarize, hue and blur match Pillow bit for bit
 (tests/test_photometric.py). Run them eagerly: a compiler that contracts a multiply and an add into one FMA (e.g.
-Triton under torch.compile) rounds once where Pillow rounds twice, which may move a pixel by one grey level.
-"""
+Triton under torch.compile) rounds once where Pillow rounds twice, which may move a pixel by one grey level."""
 import torch
 
 # Pillow's ITU-R 601-2 luma weights in 16-bit fixed point (Convert.c, rgb2l).
@@ -159,8 +158,7 @@ def apply_view2(img, params):
     Every branch runs on every sample and torch.where keeps the drawn one. ColorJitter's order puts hue at some
     position k of four: the enhance ops before it (rounds 0-2, each active where it comes before k), then the hue
     shift once, then the enhance ops after it (rounds 1-3, active after k). Each round is one blend, its degenerate
-    image picked per sample (black, mean grey or luma). Then grayscale, solarize and blur.
-    """
+    image picked per sample (black, mean grey or luma). Then grayscale, solarize and blur."""
     order = params["order"]
     hue_at = (order == 3).int().argmax(1)
     factors = torch.stack([params["brightness"], params["contrast"], params["saturation"]], 1)

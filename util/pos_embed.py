@@ -15,8 +15,7 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     """Sin-cos embedding of a (gh, gw) patch grid, row-major like the patch sequence.
 
     Returns [gh * gw, embed_dim], or [1 + gh * gw, embed_dim] with a leading zero row for the CLS token.
-    Half of the channels encode the column (x) coordinate, half the row (y) coordinate, in that order.
-    """
+    Half of the channels encode the column (x) coordinate, half the row (y) coordinate, in that order."""
     if embed_dim % 4:
         raise ValueError(f"embed_dim must be divisible by 4, got {embed_dim}")
     gh, gw = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size

@@ -4,8 +4,7 @@ SLURM (and submitit's `--signal`) sends SIGUSR2 some time before it kills a job.
 the job's `checkpoint()` at once, from inside whatever the training step is doing. The handler here only records the
 signal; the training loop asks `requested(step)` after every optimizer step, all ranks agree on the step at which to
 stop, the loop saves a consistent checkpoint (mid-epoch, with the data position), and only then `requeue()` hands
-over to the previous handler (submitit's, which requeues the job) or exits.
-"""
+over to the previous handler (submitit's, which requeues the job) or exits."""
 import signal
 import sys
 

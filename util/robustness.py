@@ -6,8 +6,7 @@ that order (timm ships the three lists); a model's prediction is the argmax over
   ImageNet-A: Hendrycks et al., "Natural Adversarial Examples" (2021), github.com/hendrycks/natural-adv-examples.
 ImageNet-C: Hendrycks & Dietterich, "Benchmarking Neural Network Robustness to Common Corruptions and Perturbations"
 (ICLR 2019), github.com/hendrycks/robustness: 15 corruptions (and 4 held-out extra ones) at 5 severities; the
-corruption error of a model is normalised by AlexNet's top-1 error on the same corruption, averaged over severities.
-"""
+corruption error of a model is normalised by AlexNet's top-1 error on the same corruption, averaged over severities."""
 import pkgutil
 
 from timm.data import ImageNetInfo

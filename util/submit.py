@@ -2,8 +2,7 @@
 
 SLURM sends SIGUSR2 `--signal_delay_s` seconds before the time limit (and at preemption): the training scripts save
 their last checkpoint in output_dir (util/preemption.py), then submitit calls Trainer.checkpoint() and requeues the
-job under the same job id with the same arguments, so it auto-resumes from that file.
-"""
+job under the same job id with the same arguments, so it auto-resumes from that file."""
 import argparse
 import copy
 import importlib
