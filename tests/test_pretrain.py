@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import main_pretrain
+import models_lut
 import micro_pretrain  # noqa: F401  (registers the micro models)
 from runs import (MICRO_PRETRAIN, ROOT, TORCHRUN, ENV, assert_same_state, assert_same_training_state, epoch_log,
                   run as run_cmd)
@@ -180,6 +181,23 @@ def test_bad_data_path_fails_early_with_clear_message(monkeypatch, tmp_path, set
 def test_incompatible_lut_arguments_are_refused_before_training(monkeypatch, flat_images, tmp_path, flags, message):
     assert message in refusal(monkeypatch, "--data_path", flat_images, "--output_dir", tmp_path / "out", *flags)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_method_is_asked_of_the_model_not_read_from_its_name(monkeypatch, flat_images):
+    monkeypatch.setitem(models_lut.MODELS, "my_student", models_lut.MODELS["lut_vit_micro"])
+    monkeypatch.setitem(models_lut.MODELS, "my_baseline", models_lut.MODELS["mae_vit_micro"])
+    for name, rule, views in (("my_student", "sqrt", 2), ("my_baseline", "linear", 1)):
+        flags = [*PRETRAIN_FLAGS, "--model", name, "--data_path", str(flat_images)]
+        args = main_pretrain.get_args_parser().parse_args(flags)
+        args.world_size = 1
+        main_pretrain.check_args(args)
+        assert args.lr_scale == rule  # each method's published lr rule
+        assert models_lut.model_class(name).num_views == views
+    args = main_pretrain.get_args_parser().parse_args([*PRETRAIN_FLAGS, "--model", "my_student", "--data_path",
+                                                       str(flat_images), "--mask_ratio", "0.4"])
+    args.world_size = 1
+    with pytest.raises(SystemExit, match="--mask_ratio >= 0.5"):
+        main_pretrain.check_args(args)
 
 
 def test_one_image_per_rank_is_allowed_when_batchnorm_statistics_span_ranks(flat_images):
