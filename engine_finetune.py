@@ -204,7 +204,7 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, ckp
     dist_eval = args.dist_eval and args.distributed
 
     print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
-    start_time = time.time()
+    start_time, stopped = time.time(), False
     for epoch in range(start_epoch, args.epochs):
         train_stats, done, totals = train_one_epoch(ddp_model, criterion, train_loader, optimizer, scaler, device,
                                                     epoch, args, mixup_fn, clip_grad, start_step, totals,
@@ -220,7 +220,9 @@ def fit(args, model, optimizer, criterion, train_loader, val_loader, device, ckp
         if done < args.steps_per_epoch:
             print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; "
                   f"{last_checkpoint(args.output_dir)} resumes here")
-        if done < args.steps_per_epoch or preemption.requested(epoch * args.steps_per_epoch + done):
+        stopped = done < args.steps_per_epoch or (preemption.requested(epoch * args.steps_per_epoch + done)
+                                                  and epoch + 1 < args.epochs)  # after the last: nothing to resume
+        if stopped:
             break
         start_step, totals = 0, None
-    end_run(log_writer, start_time, preemption)
+    end_run(log_writer, start_time, preemption, stopped)

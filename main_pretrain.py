@@ -175,7 +175,7 @@ def main(args):
 
     step_fn, compile_report = compile_step(args.accum_iter) if args.compile else (pretrain_step, None)
     print(f"Start training for {args.epochs} epochs from epoch {start_epoch}, step {start_step}")
-    start_time = time.time()
+    start_time, stopped = time.time(), False
     for epoch in range(start_epoch, args.epochs):
         epoch_start = time.time()
         stats, done, totals = train_one_epoch(model, teacher, loader, optimizer, scaler, device, epoch, args,
@@ -189,12 +189,14 @@ def main(args):
             print(f"Epoch {epoch} done; about {datetime.timedelta(seconds=int(remaining))} left")
         if compile_report:
             print(compile_report())
-        if should_stop(epoch * args.steps_per_epoch + done):
+        stopped = should_stop(epoch * args.steps_per_epoch + done) and epoch * args.steps_per_epoch + done < \
+            args.total_steps  # a signal at the last step has nothing left to resume
+        if stopped:
             print(f"Stopped at epoch {epoch}, step {done}/{args.steps_per_epoch}; "
                   f"{last_checkpoint(args.output_dir)} resumes here")
             break
         start_step, totals = 0, None
-    end_run(log_writer, start_time, preemption)
+    end_run(log_writer, start_time, preemption, stopped)
     return student, teacher
 
 

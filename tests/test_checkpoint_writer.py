@@ -133,7 +133,7 @@ def test_a_failed_background_write_stops_the_run_naming_the_file(tmp_path, where
     save(args, model, teacher, optimizer, scaler)  # returns: the write fails in the writer thread
     then = {"next save": lambda: save(args, model, teacher, optimizer, scaler, epoch_step=2),
             "wait_for_saves": ck.wait_for_saves, "load_checkpoint": lambda: ck.load_checkpoint(path),
-            "end_run": lambda: end_run(None, time.time(), NoPreemption())}[where]
+            "end_run": lambda: end_run(None, time.time(), NoPreemption(), False)}[where]
     with pytest.raises(SystemExit, match=re.escape(f"could not write {path}: No space left on device (errno 28)")):
         then()
     assert not os.listdir(tmp_path)

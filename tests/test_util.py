@@ -740,7 +740,7 @@ def test_a_preemption_signal_after_a_completed_run_does_not_kill_the_exiting_pro
         subprocess.Popen(["sh", "-c", f"while kill -USR2 {os.getpid()}; do :; done"],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # ends once this process is reaped
         time.sleep(0.3)
-        end_run(None, time.time(), preemption)
+        end_run(None, time.time(), preemption, False)
     """)
     for _ in range(3):
         proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,

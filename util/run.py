@@ -153,14 +153,15 @@ def lock_output_dir(output_dir):
                          f"it to end or stop it, or use another --output_dir")
 
 
-def end_run(log_writer, start_time, preemption):
+def end_run(log_writer, start_time, preemption, stopped):
     """Wait for the background checkpoint save (raising its failure), close the logs, leave the process group (the
-    other ranks wait there for rank 0's save) and, after a preemption signal, requeue; else ignore that signal."""
+    other ranks wait there for rank 0's save) and, when a preemption signal `stopped` the run before its end,
+    requeue; else ignore that signal."""
     wait_for_saves()
     if log_writer is not None:
         log_writer.close()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     destroy_distributed()
-    if preemption.stopping:
+    if stopped and preemption.stopping:
         preemption.requeue()
     preemption.ignore()
