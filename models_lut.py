@@ -3,8 +3,7 @@
 `MaskedAutoencoderViT` is plain MAE. `LUT` adds the projector (`head`) and predictor on top of the same encoder and
 decoder: the student reconstructs the masked patches of view 1 and predicts, from the visible tokens of each view,
 the teacher's embedding of the other, unmasked view (the broader-context loss)."""
-import functools
-from functools import partial
+from functools import cache, partial
 
 import torch
 import torch.nn as nn
@@ -14,14 +13,17 @@ from timm.models.vision_transformer import Block, PatchEmbed
 from util.pos_embed import get_2d_sincos_pos_embed
 
 
-def check_mask_ratio(mask_ratio, num_patches, num_views=1):
+def check_mask_ratio(mask_ratio, num_patches=None, num_views=1):
     """n = int(L * (1 - mask_ratio)), the visible patches of each view, or a ValueError naming what does not fit:
-    a ratio in (0, 1), at least 1 - 1 / num_views (the views' visible sets are disjoint), at least one visible patch."""
+    a ratio in (0, 1), at least 1 - 1 / num_views (the views' visible sets are disjoint), at least one visible patch
+    of num_patches (not checked when None)."""
     if not 0 < mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
     if mask_ratio < 1 - 1 / num_views:
         raise ValueError(f"mask_ratio >= {1 - 1 / num_views:g} is needed so that the {num_views} views' visible "
                          f"patches are disjoint, got {mask_ratio}")
+    if num_patches is None:
+        return None
     n = int(num_patches * (1 - mask_ratio))
     if n < 1:
         raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch of {num_patches}")
@@ -296,7 +298,7 @@ MODELS = {f"{kind}_vit_{size}_patch16": globals()[f"{kind}_vit_{size}_patch16"]
           for kind in ("mae", "lut") for size in ENCODERS}
 
 
-@functools.cache
+@cache
 def model_class(name):
     """The class of MODELS[name] (its num_views, needs_teacher), from a build on the meta device: no weights."""
     with torch.device("meta"):

@@ -22,7 +22,7 @@ import main_linprobe
 import main_robustness
 import micro_finetune  # noqa: F401  (registers vit_micro)
 from runs import MICRO_FINETUNE, MICRO_PRETRAIN, TORCHRUN, epoch_log, run
-from util.checkpoint import load_checkpoint, save_checkpoint
+from util.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +186,7 @@ def test_bf16_robustness_evaluation_is_close_to_float32_and_not_equal(monkeypatc
     weight, bias = state["head.weight"], state["head.bias"]
     state["head.weight"] = torch.cat([10 * weight, weight.new_zeros(990, weight.shape[1])])
     state["head.bias"] = torch.cat([10 * bias, bias.new_full((990,), -100.0)])
-    save_checkpoint({"model": state, "args": ckpt["args"]}, tmp_path / "classifier.pth")
+    torch.save({"model": state, "args": ckpt["args"]}, tmp_path / "classifier.pth")
 
     monkeypatch.setattr(builtins, "print", builtins.print)  # main() silences print on ranks other than 0
     result, loss = {}, {}

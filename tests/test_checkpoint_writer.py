@@ -83,7 +83,7 @@ def test_a_background_save_writes_the_bytes_of_a_synchronous_save(tmp_path):
     _, model, _, optimizer, _ = training(tmp_path)
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": [rng_state()], "epoch": 0,
              "args": {"model": "tiny", "lr": 0.1, "sizes": [1, 2]}, "log_record": {"epoch": 0, "train_loss": 0.5}}
-    ck.save_checkpoint(state, tmp_path / "synchronous.pth")
+    ck.write_atomically(tmp_path / "synchronous.pth", lambda f: torch.save(state, f))
     ck.save_in_background(state, tmp_path / "background.pth")
     ck.wait_for_saves()
     assert (tmp_path / "background.pth").read_bytes() == (tmp_path / "synchronous.pth").read_bytes()

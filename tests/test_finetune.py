@@ -23,7 +23,7 @@ import models_vit
 from models_vit import load_pretrained
 from runs import MICRO_FINETUNE, MICRO_PRETRAIN, ROOT, ENV, TORCHRUN, epoch_log, run as run_cmd
 from util import augment
-from util.checkpoint import load_checkpoint, save_checkpoint
+from util.checkpoint import load_checkpoint
 from util.lars import LARS
 from util.lr_sched import adjust_learning_rate, set_lr
 
@@ -75,7 +75,7 @@ def checkpoint_in_format(fmt):
     ("mae", "model_ema"), ("mocov3", "state_dict"), ("dino", "teacher")])
 def test_pretrained_checkpoints_load_with_only_the_new_head_missing(tmp_path, fmt, checkpoint_key):
     ckpt, student, teacher = checkpoint_in_format(fmt)
-    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    torch.save(ckpt, tmp_path / "ckpt.pth")
     model = vit()
     if fmt == "mae" and checkpoint_key == "model_ema":
         with pytest.raises(KeyError, match=r"no weights under 'model_ema' \(it has \['model'\]\)"):
@@ -92,7 +92,7 @@ def test_pretrained_checkpoints_load_with_only_the_new_head_missing(tmp_path, fm
 
 def test_a_checkpoint_key_the_file_lacks_is_refused_in_one_line_naming_its_entries(tmp_path):
     ckpt, _, _ = checkpoint_in_format("mae")
-    save_checkpoint({**ckpt, "epoch": 3}, tmp_path / "ckpt.pth")
+    torch.save({**ckpt, "epoch": 3}, tmp_path / "ckpt.pth")
     for key in ("teacher", "epoch"):
         args = main_finetune.get_args_parser().parse_args(
             ["--data_path", "x", "--finetune", str(tmp_path / "ckpt.pth"), "--checkpoint_key", key])
@@ -103,7 +103,7 @@ def test_a_checkpoint_key_the_file_lacks_is_refused_in_one_line_naming_its_entri
 
 def test_cls_token_classifier_also_loads_the_final_norm(tmp_path):
     ckpt, student, _ = checkpoint_in_format("ours")
-    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    torch.save(ckpt, tmp_path / "ckpt.pth")
     model = vit(global_pool="token")
     assert load_pretrained(model, tmp_path / "ckpt.pth") == ["head.bias", "head.weight"]
     assert torch.equal(model.norm.weight, student["norm.weight"])
@@ -111,7 +111,7 @@ def test_cls_token_classifier_also_loads_the_final_norm(tmp_path):
 
 def test_loaded_encoder_computes_the_pretraining_features(tmp_path):
     ckpt, _, _ = checkpoint_in_format("ours")
-    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    torch.save(ckpt, tmp_path / "ckpt.pth")
     student = models_lut.LUT(**ENCODER, **DECODER, head_mlp_dim=64)
     student.load_state_dict(ckpt["model"])
     model = vit(global_pool="token", num_classes=0)
@@ -124,7 +124,7 @@ def test_loaded_encoder_computes_the_pretraining_features(tmp_path):
 @pytest.mark.parametrize("pool", ["cls", "global_pool", "lut_global"])
 def test_linear_probe_features_are_maes_or_luts_pooling(tmp_path, pool):
     ckpt, _, _ = checkpoint_in_format("ours")
-    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    torch.save(ckpt, tmp_path / "ckpt.pth")
     student = models_lut.LUT(**ENCODER, **DECODER, head_mlp_dim=64).eval()
     student.load_state_dict(ckpt["model"])
     args = main_linprobe.get_args_parser().parse_args(
@@ -166,7 +166,7 @@ def test_linear_probe_crop_is_maes_single_clamped_draw():
 @pytest.mark.parametrize("img_size", [48, 24])  # 6 x 6 and 3 x 3 patches instead of 4 x 4
 def test_pos_embed_is_resampled_as_mae_does(tmp_path, img_size):
     ckpt, student, _ = checkpoint_in_format("mae")
-    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    torch.save(ckpt, tmp_path / "ckpt.pth")
     model = vit(img_size=img_size)
     assert load_pretrained(model, tmp_path / "ckpt.pth") == NEW_HEAD
     # MAE's interpolate_pos_embed: the CLS row as is, the [D, 4, 4] grid bicubic, align_corners=False, no antialias.
@@ -185,7 +185,7 @@ def test_pos_embed_is_resampled_as_mae_does(tmp_path, img_size):
 ], ids=["deeper", "wider", "shallower"])
 def test_checkpoint_of_another_architecture_fails_listing_the_keys(tmp_path, other, expected):
     ckpt, _, _ = checkpoint_in_format("ours")
-    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    torch.save(ckpt, tmp_path / "ckpt.pth")
     model = vit(**other)
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError) as err:
@@ -414,7 +414,7 @@ def test_bad_flags_fail_early_with_clear_message(flags, message):
 
 def test_image_and_patch_size_come_from_the_checkpoint_and_a_different_patch_size_is_refused(tmp_path):
     ckpt, _, _ = checkpoint_in_format("ours")  # trained on 32 px images with 8 px patches
-    save_checkpoint(ckpt, tmp_path / "ckpt.pth")
+    torch.save(ckpt, tmp_path / "ckpt.pth")
     parser = argparse.ArgumentParser(parents=[main_finetune.get_args_parser()])
     args = parser.parse_args(["--data_path", "x", "--finetune", str(tmp_path / "ckpt.pth")])
     main_finetune.check_args(args)
@@ -427,7 +427,7 @@ def test_image_and_patch_size_come_from_the_checkpoint_and_a_different_patch_siz
 
 def test_eval_reads_only_val_and_a_wrong_nb_classes_is_refused(demo, tmp_path):
     torch.manual_seed(0)
-    save_checkpoint({"model": vit().state_dict(), "args": {"model": "vit_micro", "input_size": 32, "patch_size": 8}},
+    torch.save({"model": vit().state_dict(), "args": {"model": "vit_micro", "input_size": 32, "patch_size": 8}},
                     tmp_path / "finetuned.pth")
     (tmp_path / "data").mkdir()
     os.symlink(demo / "val", tmp_path / "data" / "val")  # no train/

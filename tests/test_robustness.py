@@ -11,7 +11,6 @@ from PIL import Image
 import main_robustness
 import micro_finetune  # noqa: F401  (registers vit_micro)
 import models_vit
-from util.checkpoint import save_checkpoint
 from util.robustness import ALEXNET_ERROR, CORRUPTIONS, IMAGENET_A_WNIDS, IMAGENET_R_WNIDS, IMAGENET_WNIDS
 
 R_FIRST = IMAGENET_WNIDS.index(IMAGENET_R_WNIDS[0])  # goldfish, class 1
@@ -49,7 +48,7 @@ def classifier(tmp_path):
         model.head.bias.zero_()
         model.head.bias[10], model.head.bias[R_FIRST], model.head.bias[A_FIRST] = 3.0, 2.0, 1.0
     path = tmp_path / "finetuned.pth"
-    save_checkpoint({"model": model.state_dict(), "args": {"model": "vit_micro", "input_size": 32, "patch_size": 8,
+    torch.save({"model": model.state_dict(), "args": {"model": "vit_micro", "input_size": 32, "patch_size": 8,
                                                            "global_pool": True}}, path)
     return path
 

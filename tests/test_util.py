@@ -27,8 +27,9 @@ from runs import epoch_log
 from util import dist as dist_util
 from util.batchnorm import SyncBatchNorm1d, convert_sync_batchnorm
 import util.checkpoint
-from util.checkpoint import (find_resume_checkpoint, load_checkpoint, load_training_state, normalize_pretrained,
-                             replay_killed_epoch, save_checkpoint, save_epoch, wait_for_saves)
+from util.checkpoint import (UnreadableCheckpoint, find_resume_checkpoint, load_checkpoint, load_training_state,
+                             normalize_pretrained, read_run_checkpoint, replay_killed_epoch, save_epoch, wait_for_saves,
+                             write_atomically)
 from util.logging import MetricLogger, NonFiniteLossError
 from util.lr_sched import adjust_learning_rate, effective_lr
 from util.rng import rng_state, set_rng_state
@@ -105,7 +106,7 @@ class NotAWeight:
 
 def test_checkpoint_roundtrip_loads_with_weights_only(tmp_path):
     state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "epoch": 3, "args": {"lr": 1e-3, "name": "lut"}}
-    save_checkpoint(state, tmp_path / "checkpoint-last.pth")
+    write_atomically(tmp_path / "checkpoint-last.pth", lambda f: torch.save(state, f))
     loaded = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert torch.equal(loaded["model"]["w"], state["model"]["w"])
     assert loaded["epoch"] == 3 and loaded["args"] == {"lr": 1e-3, "name": "lut"}
@@ -114,13 +115,13 @@ def test_checkpoint_roundtrip_loads_with_weights_only(tmp_path):
 
 def test_checkpoint_killed_mid_save_leaves_previous_file_loadable(tmp_path):
     path = tmp_path / "checkpoint-last.pth"
-    save_checkpoint({"epoch": 1, "w": torch.arange(4.0)}, path)
+    torch.save({"epoch": 1, "w": torch.arange(4.0)}, path)
     # The child writes a 64 MB checkpoint and stalls before the rename (a slow disk): SIGKILL it mid-save.
     child = textwrap.dedent(f"""
         import os, time, torch
-        from util.checkpoint import save_checkpoint
+        from util.checkpoint import write_atomically
         os.fsync = lambda fd: time.sleep(600)
-        save_checkpoint({{"epoch": 2, "w": torch.zeros(16, 2**20)}}, {str(path)!r})
+        write_atomically({str(path)!r}, lambda f: torch.save({{"epoch": 2, "w": torch.zeros(16, 2**20)}}, f))
     """)
     before = path.stat()
 
@@ -141,18 +142,18 @@ def test_checkpoint_killed_mid_save_leaves_previous_file_loadable(tmp_path):
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["w"], torch.arange(4.0))
     # The next save overwrites the leftover partial file.
-    save_checkpoint({"epoch": 3}, path)
+    write_atomically(path, lambda f: torch.save({"epoch": 3}, f))
     assert load_checkpoint(path) == {"epoch": 3}
     assert os.listdir(tmp_path) == ["checkpoint-last.pth"]
 
 
 def test_a_save_on_a_full_disk_names_the_file_and_cause_and_keeps_the_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint-last.pth"
-    save_checkpoint({"epoch": 1}, path)
+    torch.save({"epoch": 1}, path)
     os.symlink("/dev/full", str(path) + ".tmp")  # every write into the temporary file fails with ENOSPC
     with pytest.raises(SystemExit, match=re.escape(f"could not write {path}: No space left on device (errno 28); "
                                                    f"the previous file there is untouched")):
-        save_checkpoint({"epoch": 2, "w": torch.zeros(2 ** 20)}, path)
+        write_atomically(path, lambda f: torch.save({"epoch": 2, "w": torch.zeros(2 ** 20)}, f))
     assert load_checkpoint(path) == {"epoch": 1} and os.listdir(tmp_path) == ["checkpoint-last.pth"]
 
 
@@ -177,7 +178,7 @@ def test_checkpoint_needing_unsafe_unpickling_is_refused(tmp_path):
 @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
 def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, damage):
     path = tmp_path / "checkpoint-last.pth"
-    save_checkpoint({"w": torch.zeros(1000)}, path)
+    torch.save({"w": torch.zeros(1000)}, path)
     data = path.read_bytes()
     path.write_bytes(data[:-1000] if damage == "truncated" else data[:100] + bytes(len(data) - 100))
     with pytest.raises(SystemExit) as err:
@@ -187,11 +188,33 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, dama
     assert "\n" not in message
 
 
+def test_a_damaged_resume_file_inside_the_run_folder_is_refused_and_left_as_it_is(tmp_path):
+    torch.save({"epoch": 9}, tmp_path / "checkpoint-9.pth")
+    resume = tmp_path / "checkpoint-4.pth"
+    resume.write_bytes(b"not a checkpoint")
+    with pytest.raises(UnreadableCheckpoint, match=f"checkpoint {resume} cannot be read"):
+        read_run_checkpoint(resume, tmp_path)
+    assert resume.read_bytes() == b"not a checkpoint" and not (tmp_path / "checkpoint-4.pth.damaged").exists()
+
+
+def test_a_damaged_checkpoint_last_keeps_every_earlier_damaged_copy(tmp_path, capsys):
+    last = tmp_path / "checkpoint-last.pth"
+    torch.save({"epoch": 2}, tmp_path / "checkpoint-previous.pth")
+    (tmp_path / "checkpoint-last.pth.damaged").write_bytes(b"damaged the first time")
+    last.write_bytes(b"damaged again")
+    assert read_run_checkpoint(last, tmp_path) == {"epoch": 2}
+    assert load_checkpoint(last) == {"epoch": 2}
+    assert (tmp_path / "checkpoint-last.pth.damaged").read_bytes() == b"damaged the first time"
+    assert (tmp_path / "checkpoint-last.pth.damaged.1").read_bytes() == b"damaged again"
+    assert f"continuing from the newest readable checkpoint of the run, {tmp_path / 'checkpoint-previous.pth'}" in \
+        capsys.readouterr().out
+
+
 def test_a_restart_continues_from_this_runs_checkpoint_not_from_resume(tmp_path, capsys):
     explicit, last = tmp_path / "old.pth", tmp_path / "checkpoint-last.pth"
-    save_checkpoint({"epoch": 0}, explicit)
+    torch.save({"epoch": 0}, explicit)
     assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=True) == str(explicit)  # the first run
-    save_checkpoint({"epoch": 1}, last)  # ... has written its own checkpoint and is requeued with the same arguments
+    torch.save({"epoch": 1}, last)  # ... has written its own checkpoint and is requeued with the same arguments
     assert find_resume_checkpoint(str(tmp_path), str(explicit), auto_resume=True) == str(last)
     assert f"not from --resume {explicit}" in capsys.readouterr().out
     assert find_resume_checkpoint(str(tmp_path), "", auto_resume=True) == str(last)
@@ -250,7 +273,7 @@ def test_each_rank_resumes_its_own_random_streams(tmp_path):
 
 
 def test_rng_state_survives_a_weights_only_checkpoint(tmp_path):
-    save_checkpoint({"rng": rng_state()}, tmp_path / "ckpt.pth")
+    torch.save({"rng": rng_state()}, tmp_path / "ckpt.pth")
     expected = _draw()
     _draw()
     set_rng_state(load_checkpoint(tmp_path / "ckpt.pth")["rng"])

@@ -60,6 +60,11 @@ def parse_args(argv=None):
     parser.set_defaults(model_ema_decay=0.996, weight_decay=0.05, lr=1e-5, seed=0, rank=0, world_size=1)
     args = parser.parse_args(argv)
     args.amp = args.amp or ("bf16" if args.device.type == "cuda" else "none")
+    views = 2 if args.compare else models_lut.model_class(args.model).num_views  # LUT is measured beside MAE
+    try:
+        models_lut.check_mask_ratio(args.mask_ratio, (args.input_size // args.patch_size) ** 2, views)
+    except ValueError as e:
+        parser.error(f"--{e}")
     return args
 
 

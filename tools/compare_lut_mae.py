@@ -18,6 +18,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from util.checkpoint import last_checkpoint  # noqa: E402
 # CLS token, or the mean of the final-norm patch tokens (LUT's global vector), in main_knn.py and main_linprobe.py
 POOLS = {"token": [], "avg": ["--lut_global"]}
 COLUMNS = {"method": "method", "pretrain_minutes": "pre-train min", "pretrain_loss": "final loss",
@@ -76,7 +78,7 @@ def evaluate_method(method, args):
     run("main_pretrain.py", common + pretrain, args)
     row = {"method": method.upper(), "pretrain_minutes": (time.time() - start) / 60,
            "pretrain_loss": last_record(os.path.join(out, "log.txt"))["train_loss"]}
-    encoder = ["--model", f"vit_{args.size}_patch16", "--finetune", os.path.join(out, "checkpoint-last.pth")]
+    encoder = ["--model", f"vit_{args.size}_patch16", "--finetune", last_checkpoint(out)]
     for pool, pool_flags in POOLS.items():
         knn_dir = os.path.join(out, f"knn_{pool}")
         run("main_knn.py", common + encoder + pool_flags + ["--output_dir", knn_dir], args)

@@ -28,10 +28,11 @@ def get_args_parser():
 
 @torch.no_grad()
 def main(args):
-    paths = image_paths(args)
-    model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
     try:
-        check_mask_ratio(args.mask_ratio, model.num_patches)
+        check_mask_ratio(args.mask_ratio)
+        paths = image_paths(args)
+        model, info = load_model(args.checkpoint, args.checkpoint_key, args.model)
+        check_mask_ratio(args.mask_ratio, model.num_patches)  # at least one visible patch of this model's
     except ValueError as e:
         raise SystemExit(f"--{e}") from None
     if not info["has_decoder"]:

@@ -6,10 +6,12 @@ import concurrent.futures
 import contextlib
 import copy
 import glob
+import itertools
 import json
 import os
 import pickle
 import re
+import shutil
 
 import torch
 
@@ -25,10 +27,6 @@ _WRAPPER_PREFIXES = ("module.", "ema.", "base_encoder.", "backbone.")
 def last_checkpoint(output_dir):
     """The run folder's newest training state, which a restart resumes from."""
     return os.path.join(output_dir, LAST)
-
-
-def save_checkpoint(state, path):
-    write_atomically(path, lambda f: torch.save(state, f))
 
 
 def write_atomically(path, write):
@@ -61,8 +59,8 @@ def write_atomically(path, write):
 
 
 def _hard_link(source, link):
-    """Make `link` a second name of `source`; False where the file system refuses (FAT, some FUSE mounts). Any other
-    failure (full disk, permissions) recurs in the write made instead."""
+    """Make `link` a second name of `source`; False where the file system refuses (FAT, some FUSE mounts). The
+    caller then writes or renames instead, where any other failure (full disk, permissions) recurs."""
     with contextlib.suppress(FileNotFoundError):
         os.remove(link)  # a killed run's leftover is a hard link to a checkpoint, which writing into would change
     try:
@@ -79,7 +77,8 @@ _pending = None  # the Future of the last write handed to _writer, until wait_fo
 
 
 def save_in_background(state, path, then=None, previous=None):
-    """save_checkpoint(state, path) in the writer thread, followed there by then(the saved copy); returns once
+    """torch.save(state) into `path` (write_atomically) in the writer thread, followed there by then(the saved copy);
+    returns once
     `state` is copied, while training goes on. previous: the file `path` replaces keeps this second name (a hard
     link, or a rename where there are none: nothing is written). The previous background save is waited for first
     (one copy in memory at a time), and its failure raised here."""
@@ -88,8 +87,11 @@ def save_in_background(state, path, then=None, previous=None):
     saved = snapshot(state)
 
     def write():
-        if previous is not None and os.path.exists(path) and not _hard_link(path, previous):
-            os.replace(path, previous)
+        try:
+            if previous is not None and os.path.exists(path) and not _hard_link(path, previous):
+                os.replace(path, previous)
+        except OSError as e:
+            raise SystemExit(f"could not keep {path} as {previous}: {e.strerror} (errno {e.errno})") from None
         write_atomically(path, lambda f: torch.save(saved, f))
         if then is not None:
             then(saved)
@@ -126,13 +128,17 @@ class UnreadableCheckpoint(SystemExit):
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
     """torch.load(path, weights_only=True), argparse.Namespace allowed (the authors' args); anything else that needs
-    unsafe unpickling is refused (pickle.UnpicklingError), a damaged file is an UnreadableCheckpoint naming it.
-    mmap: map the file (to read a few entries of a large checkpoint)."""
+    unsafe unpickling is refused (pickle.UnpicklingError), a damaged file is an UnreadableCheckpoint naming it, a file
+    this user may not read a one-line stop. mmap: map the file (to read a few entries of a large checkpoint)."""
     wait_for_saves()  # `path` may be this process's own checkpoint, still being written
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
+        raise
+    except PermissionError as e:  # not damage: the file is fine
+        raise SystemExit(f"checkpoint {path} cannot be read: {e.strerror} (errno {e.errno})") from None
+    except MemoryError:
         raise
     except Exception as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
@@ -188,8 +194,9 @@ def finish_epoch(args, state, source, log_writer, replay=False):
     """A finished epoch's outputs after its checkpoint `source` (with content `state`), in this order:
     checkpoint-<epoch>.pth (every --save_freq epochs and the last) and checkpoint-best.pth, hard links to `source`
     (else written from `state`); TensorBoard scalars; the log.txt line state["log_record"]. Rank 0 runs it in the
-    writer thread, or at a restart with replay: files older than `source` are redone, the scalars and log line
-    written unless log.txt has the epoch (a kill right before the line can log scalars twice)."""
+    writer thread, or at a restart with replay: files older than `source` are redone. The scalars and log line are
+    written unless log.txt has the epoch (a kill right before the line can log scalars twice; a run continued past a
+    damaged checkpoint may train a logged epoch again)."""
     record = state["log_record"]
     epoch = record["epoch"]
     names = ["checkpoint-best.pth"] if state.get("best_epoch") == epoch else []
@@ -203,7 +210,7 @@ def finish_epoch(args, state, source, log_writer, replay=False):
     if os.path.exists(log_path):
         with open(log_path) as f:
             lines = f.read().splitlines()
-    if not (replay and epoch in [json.loads(line).get("epoch") for line in lines]):
+    if epoch not in [json.loads(line).get("epoch") for line in lines]:
         # SummaryWriter takes scalars from any thread (a locked queue); the training thread's step scalars go on.
         if log_writer is not None:  # MAE's tags for the evaluation (perf/test_acc1, ...)
             for name, value in record.items():
@@ -222,23 +229,31 @@ def replay_killed_epoch(args, path, ckpt, log_writer):
 
 
 def read_run_checkpoint(path, output_dir):
-    """load_checkpoint(path), but a damaged checkpoint of the run folder `output_dir` is continued past, so that it
-    does not stop every requeue: its newest readable checkpoint takes the place of `path` (a warning names both, the
-    damaged file stays as <path>.damaged). Every rank calls it."""
+    """load_checkpoint(path), but a damaged checkpoint-last.pth or checkpoint-previous.pth of the run folder
+    `output_dir` is continued past, so that it does not stop every requeue: the run's newest readable checkpoint
+    takes its place (a warning names both, the damaged file stays as <path>.damaged). Every rank calls it."""
     try:
-        return load_checkpoint(path)
+        ckpt, damage = load_checkpoint(path), None
     except (UnreadableCheckpoint, pickle.UnpicklingError) as e:
-        if output_dir is None or os.path.dirname(os.path.realpath(path)) != os.path.realpath(output_dir):
-            raise UnreadableCheckpoint(str(e)) from None  # a --resume file: the user's to fix
-        damage = e
+        ckpt, damage = None, str(e)
+    damage = next((d for d in all_gather_object(damage) if d is not None), None)  # the ranks decide together
+    if damage is None:
+        return ckpt
+    own = output_dir is not None and os.path.realpath(path) in {
+        os.path.realpath(os.path.join(output_dir, name)) for name in (LAST, PREVIOUS)}
+    if not own:
+        raise UnreadableCheckpoint(damage)  # a --resume file: the user's to fix
     others = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")) if not os.path.samefile(p, path)]
     for other in sorted(others, key=os.path.getmtime, reverse=True):
         with contextlib.suppress(UnreadableCheckpoint, pickle.UnpicklingError):
             ckpt = load_checkpoint(other)
             print(f"WARNING: {damage}; continuing from the newest readable checkpoint of the run, {other}")
-            barrier()  # every rank has read it before rank 0 moves the damaged file
+            barrier()  # every rank has read it before rank 0 replaces the damaged file
             if is_main_process():
-                os.replace(path, path + ".damaged")
+                kept = next(f"{path}.damaged{f'.{i}' if i else ''}" for i in itertools.count()
+                            if not os.path.exists(f"{path}.damaged{f'.{i}' if i else ''}"))
+                if not _hard_link(path, kept):
+                    shutil.copyfile(path, kept)
                 write_atomically(path, (other, lambda f: torch.save(ckpt, f)))
             return ckpt
     raise UnreadableCheckpoint(f"{damage}, and {output_dir} holds no other readable checkpoint: restore it, or move "
