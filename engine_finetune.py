@@ -11,12 +11,13 @@ import models_vit
 from util.augment import eval_transform, normalize
 from util.checkpoint import (last_checkpoint, load_checkpoint, load_training_state, normalize_pretrained,
                              replay_killed_epoch, saved_args, save_epoch)
-from util.datasets import ResumableDistributedSampler, build_imagefolder, check_images, check_unreadable, rank_shard
+from util.datasets import ResumableDistributedSampler, build_labelled, check_images, check_unreadable, rank_shard
 from util.dist import all_reduce_sum, autocast, wrap_ddp
 from util.logging import MetricLogger, create_tb_writer
 from util.lr_sched import adjust_learning_rate
 from util.preemption import PreemptionHandler
 from util.run import end_run
+from util.sources import add_source_args
 
 
 def add_encoder_args(parser, pretrained=True):
@@ -65,29 +66,31 @@ def check_encoder_args(args):
 
 def add_data_args(parser):
     group = parser.add_argument_group("data and evaluation")
-    group.add_argument("--data_path", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
-    group.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the class folders')")
+    add_source_args(group, labelled=True)
+    group.add_argument("--nb_classes", default=None, type=int, help="number of classes (default: the data's)")
     group.add_argument("--eval", action="store_true", help="only evaluate the --resume checkpoint on val/")
     group.add_argument("--dist_eval", action="store_true",
                        help="evaluate on a shard of val/ per rank (exact: no image is repeated or dropped)")
 
 
 def build_loaders(args, train_transform, device):
-    """(train, val) loaders of args.data_path's ImageFolders, train None with --eval; checks and sets nb_classes and
+    """(train, val) loaders of args.data_path's labelled splits, train None with --eval; checks and sets nb_classes and
     steps_per_epoch. Training: shuffled over ranks, resumable mid-epoch; val: the whole set on every rank, or this
     rank's shard with --dist_eval."""
     try:
-        val = build_imagefolder(args.data_path, "val", eval_transform(args.input_size))
-        train = None if args.eval else build_imagefolder(args.data_path, "train", train_transform)
+        columns = dict(image_column=args.image_column, label_column=args.label_column)
+        val = build_labelled(args.data_path, "val", eval_transform(args.input_size), **columns)
+        train = None if args.eval else build_labelled(args.data_path, "train", train_transform, **columns)
         if train is not None:
-            check_images([path for path, _ in train.samples])
+            check_images(train.images)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--data_path: {e}")
     if train is not None and train.classes != val.classes:
-        raise SystemExit(f"--data_path: {args.data_path}/train and {args.data_path}/val have different classes")
-    if args.nb_classes not in (None, len(val.classes)):
-        raise SystemExit(f"--nb_classes {args.nb_classes}, but {args.data_path}/val has {len(val.classes)} classes")
-    args.nb_classes = len(val.classes)
+        raise SystemExit(f"--data_path: {args.data_path}'s train and val splits have different classes")
+    classes = max(val.num_classes, train.num_classes if train is not None else 0)
+    if args.nb_classes not in (None, classes):
+        raise SystemExit(f"--nb_classes {args.nb_classes}, but {args.data_path}/val has {classes} classes")
+    args.nb_classes = classes
     print(f"{len(train) if train else 'no'} training and {len(val)} validation images, {args.nb_classes} classes")
     pin = args.pin_mem and device.type == "cuda"
     if args.dist_eval and args.distributed:

@@ -14,6 +14,7 @@ from util.dist import destroy_distributed, is_main_process
 from util.knn import KNNEvaluator
 from util.rng import seed_everything
 from util.run import add_run_args, start_run
+from util.sources import add_source_args
 
 
 def get_args_parser():
@@ -23,7 +24,7 @@ def get_args_parser():
                         help="mean of the final-norm patch tokens instead of the CLS token")
     parser.add_argument("--nb_knn", default=20, type=int, help="neighbours k")
     parser.add_argument("--temperature", default=0.07, type=float, help="neighbour weight exp(cos / temperature)")
-    parser.add_argument("--data_path", required=True, help="ImageFolder root with train/<class>/ and val/<class>/")
+    add_source_args(parser, labelled=True)
     parser.add_argument("--batch_size", default=256, type=int, help="images per GPU for feature extraction")
     add_run_args(parser, training=False)
     parser.set_defaults(output_dir="")  # knn.json only where asked for
@@ -36,7 +37,8 @@ def main(args):
     check_encoder_args(args)
     try:
         knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers, args.nb_knn,
-                           args.temperature, "avg" if args.lut_global else "token")
+                           args.temperature, "avg" if args.lut_global else "token",
+                           columns=dict(image_column=args.image_column, label_column=args.label_column))
     except ValueError as e:
         raise SystemExit(f"--data_path: {e}")
     seed_everything(args.seed)  # every rank builds the same random baseline

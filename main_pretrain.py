@@ -15,7 +15,8 @@ from util.augment import LUTTwoViews, mae_transform
 from util.batchnorm import convert_sync_batchnorm
 from util.checkpoint import (find_resume_checkpoint, last_checkpoint, load_training_state, replay_killed_epoch,
                              save_epoch)
-from util.datasets import PretrainDataset, ResumableDistributedSampler, check_images, find_images
+from util.datasets import PretrainDataset, ResumableDistributedSampler, check_images
+from util.sources import add_source_args, open_images
 from util.dist import wrap_ddp
 from util.knn import KNNEvaluator
 from util.logging import create_tb_writer
@@ -50,14 +51,14 @@ def get_args_parser():
     lut.add_argument("--head_norm_layer", default="BN", choices=["BN", "LN", "none"])
     lut.add_argument("--head_act_layer", default="ReLU", choices=["ReLU", "GELU"])
 
-    parser.add_argument("--data_path", required=True, help="ImageNet-style root (train/<class>/*) or image folder")
+    add_source_args(parser, labelled=False)
     parser.add_argument("--fast_decode", action="store_true",
                         help="LUT: decode JPEGs at 1/2, 1/4 or 1/8 scale while the shorter side stays >= input_size "
                              "(faster loading; pixels differ slightly from a full decode)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the training step")
     parser.add_argument("--knn_freq", default=0, type=int,
-                        help="every N epochs and after the last, the student's k-NN accuracy on data_path/val with "
-                             "data_path/train as memory bank (both labelled ImageFolders); 0 = off")
+                        help="every N epochs and after the last, the student's k-NN accuracy on data_path's val split "
+                             "with its train split as memory bank (both labelled); 0 = off")
     parser.add_argument("--stop_at_step", default=None, type=int,
                         help="save and exit once this many optimizer steps are done (the schedule still spans "
                              "--epochs); a later run resumes")
@@ -66,7 +67,7 @@ def get_args_parser():
 
 
 def check_args(args):
-    """Pre-training's own checks, before anything expensive is built; returns the image paths."""
+    """Pre-training's own checks, before anything expensive is built; returns the images (util.sources)."""
     method = models_lut.model_class(args.model)
     if args.input_size % args.patch_size:
         raise SystemExit(f"--input_size {args.input_size} is not a multiple of --patch_size {args.patch_size}")
@@ -85,11 +86,11 @@ def check_args(args):
     if args.lr_scale is None:
         args.lr_scale = "sqrt" if method.needs_teacher else "linear"  # each method's published rule
     try:
-        paths = find_images(args.data_path)
-        check_images(paths)
+        images = open_images(args.data_path, labelled=False, image_column=args.image_column)
+        check_images(images)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--data_path: {e}")
-    return paths
+    return images
 
 
 def build_model(args):
@@ -123,13 +124,14 @@ def main(args):
     """Run (or resume) the pre-training described by `args`; returns the trained (student, teacher or None), or
     (None, None) when output_dir holds the run finished."""
     device = start_run(args)
-    paths = check_args(args)
+    images = check_args(args)
     if not take_output_dir(args):
         return None, None
     knn = None
     if args.knn_freq:
         try:
-            knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers)
+            knn = KNNEvaluator(args.data_path, args.input_size, args.batch_size, args.num_workers,
+                               columns=dict(image_column=args.image_column, label_column=args.label_column))
         except ValueError as e:
             raise SystemExit(f"--knn_freq: {e}")
     print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
@@ -137,7 +139,7 @@ def main(args):
 
     transform = LUTTwoViews(args.input_size) if models_lut.model_class(args.model).num_views == 2 else \
         mae_transform(args.input_size)
-    dataset = PretrainDataset(paths, transform, draft_size=args.input_size if args.fast_decode else None)
+    dataset = PretrainDataset(images, transform, draft_size=args.input_size if args.fast_decode else None)
     sampler = ResumableDistributedSampler(len(dataset), args.world_size, args.rank, shuffle=True, seed=args.seed)
     args.steps_per_epoch = len(sampler) // args.batch_size // args.accum_iter
     if args.steps_per_epoch == 0:

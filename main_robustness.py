@@ -15,7 +15,8 @@ import models_vit
 from engine_finetune import add_encoder_args, check_encoder_args, evaluate
 from util.augment import eval_crop_pct, eval_transform
 from util.checkpoint import load_checkpoint, saved_args, write_atomically
-from util.datasets import is_image_file, load_image, rank_shard
+from util.datasets import load_image, rank_shard
+from util.sources import is_image_file
 from util.dist import destroy_distributed, is_main_process
 from util.robustness import (ALEXNET_ERROR, ALEXNET_ERROR_EXTRA, CORRUPTIONS, EXTRA_CORRUPTIONS, IMAGENET_A_WNIDS,
                              IMAGENET_R_WNIDS, IMAGENET_WNIDS, SEVERITIES)

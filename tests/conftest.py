@@ -9,6 +9,13 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """The data listings and shard indexes of the tests' runs (util.sources), in the session's temporary folder."""
+    os.environ["LUT_DATA_CACHE"] = str(tmp_path_factory.mktemp("lut-data"))
+    return os.environ["LUT_DATA_CACHE"]
+
+
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The demo ImageFolder: train/ (3,000 images) and val/ (1,000), 10 classes of 28 x 28 RGB PNGs."""

@@ -18,12 +18,12 @@ from util.datasets import (
     PretrainDataset,
     ResumableDistributedSampler,
     augmentation_seed,
-    build_imagefolder,
+    build_labelled,
     check_images,
     check_unreadable,
-    find_images,
     load_image,
 )
+from util.sources import FolderImages, open_images
 from util.photometric import solarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,7 +50,7 @@ def as_float_pipeline(transform):
 
 def test_augmentation_is_a_pure_function_of_aug_seed(tmp_path):
     random_image().save(tmp_path / "a.png")
-    ds = PretrainDataset([str(tmp_path / "a.png")], LUTTwoViews(32))
+    ds = PretrainDataset(FolderImages([str(tmp_path / "a.png")]), LUTTwoViews(32))
     rng_before = torch.get_rng_state()
     first, again, other = ds[(0, 123)], ds[(0, 123)], ds[(0, 124)]
     assert torch.equal(torch.get_rng_state(), rng_before)
@@ -209,31 +209,36 @@ def test_aug_seed_depends_only_on_seed_epoch_and_index():
 
 # ---------------------------------------------------------------- image discovery and loading
 
+def image_names(root):
+    images = open_images(str(root), labelled=False)
+    return [images.name(i) for i in range(len(images))]
+
+
 def test_find_images_accepts_imagenet_class_and_flat_layouts(tmp_path):
     save_images(tmp_path / "imagenet" / "train" / "n01", ["b.JPEG", "a.jpg"])
     save_images(tmp_path / "imagenet" / "train" / "n02", ["c.png"])
     save_images(tmp_path / "imagenet" / "val" / "n01", ["v.jpg"])
-    assert find_images(str(tmp_path / "imagenet")) == [
+    assert image_names(tmp_path / "imagenet") == [
         str(tmp_path / "imagenet" / "train" / p) for p in ("n01/a.jpg", "n01/b.JPEG", "n02/c.png")]
 
     save_images(tmp_path / "classes" / "cat", ["x.bmp"])
     save_images(tmp_path / "classes" / "dog", ["y.webp"])
-    assert find_images(str(tmp_path / "classes")) == [
+    assert image_names(tmp_path / "classes") == [
         str(tmp_path / "classes" / p) for p in ("cat/x.bmp", "dog/y.webp")]
 
     save_images(tmp_path / "flat", ["2.jpeg", "1.png", "._1.png", "3.TIF"])
     (tmp_path / "flat" / "notes.txt").write_text("not an image")
     save_images(tmp_path / "flat" / ".thumbnails", ["1.png", "2.png"])  # hidden: skipped
     save_images(tmp_path / "flat" / "more", ["4.png"])  # a sub-folder's images are the folder's too
-    assert find_images(str(tmp_path / "flat")) == [str(tmp_path / "flat" / p)
-                                                   for p in ("1.png", "2.jpeg", "3.TIF", "more/4.png")]
+    assert image_names(tmp_path / "flat") == [str(tmp_path / "flat" / p)
+                                              for p in ("1.png", "2.jpeg", "3.TIF", "more/4.png")]
 
 
 def test_find_images_rejects_folder_without_images(tmp_path):
     (tmp_path / "empty" / "class_a").mkdir(parents=True)
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match=re.escape(str(tmp_path / "empty"))):
-        find_images(str(tmp_path / "empty"))
+        open_images(str(tmp_path / "empty"), labelled=False)
 
 
 def test_corrupt_image_error_names_the_file(tmp_path):
@@ -241,13 +246,13 @@ def test_corrupt_image_error_names_the_file(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"this is not a jpeg")
     with pytest.raises(OSError, match="bad.jpg"):
-        check_images([str(tmp_path / "good.png"), str(bad)])
+        check_images(FolderImages([str(tmp_path / "good.png"), str(bad)]))
 
 
 def test_an_unreadable_training_image_is_replaced_by_the_next_readable_one_and_counted(tmp_path, capsys):
     save_images(tmp_path, ["0.png", "2.png", "3.png"])
     (tmp_path / "1.png").write_bytes(b"truncated")
-    dataset = PretrainDataset(find_images(str(tmp_path)), mae_transform(16))
+    dataset = PretrainDataset(open_images(str(tmp_path), labelled=False), mae_transform(16))
     assert torch.equal(dataset[(1, 7)], dataset[(2, 7)])  # image 2, with image 1's augmentation
     assert f"WARNING: cannot read image file {tmp_path / '1.png'}" in capsys.readouterr().err
     assert check_unreadable(dataset, images=1000, max_fraction=0.001) == 1  # 1 of 1000 is allowed ...
@@ -272,7 +277,7 @@ def test_check_images_decodes_first_and_last_when_sampling(tmp_path):
     save_images(tmp_path, [f"{i:02d}.png" for i in range(9)])
     (tmp_path / "99.png").write_bytes(b"truncated")
     with pytest.raises(OSError, match="99.png"):
-        check_images(find_images(str(tmp_path)), max_files=3)
+        check_images(open_images(str(tmp_path), labelled=False), max_files=3)
 
 
 # ---------------------------------------------------------------- demo data
@@ -295,8 +300,8 @@ def test_make_demo_data_is_idempotent(demo):
 
 
 def test_demo_data_feeds_pretraining_and_classification(demo):
-    assert len(find_images(str(demo))) == 3000
-    val = build_imagefolder(str(demo), "val", eval_transform(32))
+    assert len(open_images(str(demo), labelled=False)) == 3000
+    val = build_labelled(str(demo), "val", eval_transform(32))
     assert len(val) == 1000 and len(val.classes) == 10
     x, label = val[0]
     assert x.shape == (3, 32, 32) and val.classes[label] == "ankle_boot"
@@ -304,7 +309,7 @@ def test_demo_data_feeds_pretraining_and_classification(demo):
 
 def test_batches_do_not_depend_on_num_workers(tmp_path):
     save_images(tmp_path, [f"{i}.png" for i in range(8)])
-    ds = PretrainDataset(find_images(str(tmp_path)), LUTTwoViews(16))
+    ds = PretrainDataset(open_images(str(tmp_path), labelled=False), LUTTwoViews(16))
     sampler = ResumableDistributedSampler(len(ds), seed=5)
     sampler.set_epoch(1)
     batches = [list(torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=w)) for w in (0, 2)]
@@ -349,7 +354,7 @@ def test_fast_decode_scales_jpegs_down_while_the_shorter_side_stays_above_the_cr
 
 def test_fast_decode_changes_the_views_only_slightly(tmp_path):
     path = photo(1000, 800, tmp_path / "big.jpg")
-    full, fast = PretrainDataset([path], LUTTwoViews(224)), PretrainDataset([path], LUTTwoViews(224), draft_size=224)
+    full, fast = (PretrainDataset(FolderImages([path]), LUTTwoViews(224), draft_size=size) for size in (None, 224))
     for seed in range(3):
         for a, b in zip(full[(0, seed)][:2], fast[(0, seed)][:2]):
             assert a.shape == b.shape

@@ -245,12 +245,14 @@ def test_one_lut_worker_makes_at_least_twice_the_authors_two_view_images_per_sec
     three interleaved passes of each pipeline."""
     from util.augment import LUTTwoViews
     from util.datasets import PretrainDataset
+    from util.sources import FolderImages
     paths = []
     for i, name in enumerate(PHOTOS * 3):
         paths.append(str(tmp_path / f"{i}.jpg"))
         photo(name, (375, 500)).save(paths[-1], quality=90)
-    pipelines = {"ours": PretrainDataset(paths, LUTTwoViews(224)), "authors": PretrainDataset(paths,
-                                                                                             authors_two_views(224))}
+    images = FolderImages(paths)
+    pipelines = {"ours": PretrainDataset(images, LUTTwoViews(224)), "authors": PretrainDataset(images,
+                                                                                              authors_two_views(224))}
     best = dict.fromkeys(pipelines, float("inf"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models_lut  # noqa: E402
 from util.augment import eval_transform, normalize  # noqa: E402
 from util.checkpoint import load_checkpoint, normalize_pretrained, saved_args  # noqa: E402
-from util.datasets import find_images, load_image  # noqa: E402
+from util.datasets import read_image  # noqa: E402
+from util.sources import open_images  # noqa: E402
 
 # LUT's projector and predictor: the tools look at the encoder (and decoder) only.
 HEAD_PREFIXES = ("head.", "predictor.")
@@ -57,8 +58,8 @@ def tool_parser(doc, many_checkpoints, num_images=None, no_plot=False):
 
 
 def image_paths(args, needs_matplotlib=False):
-    """Check the shared arguments before loading anything, then pick --num_images paths evenly spaced over the sorted
-    files of --data_path (so every class is represented)."""
+    """Check the shared arguments before loading anything, then pick --num_images images evenly spaced over the
+    samples of --data_path (so every class is represented): a Picked list."""
     many = hasattr(args, "checkpoints")
     for path in args.checkpoints if many else [args.checkpoint]:
         if not os.path.isfile(path):
@@ -76,9 +77,28 @@ def image_paths(args, needs_matplotlib=False):
         except ImportError:
             raise SystemExit("plots need matplotlib, an optional dependency: pip install matplotlib "
                              "(it is in requirements-dev.txt), or pass --no_plot to write the JSON only") from None
-    paths = find_images(args.data_path)
-    picks = np.unique(np.linspace(0, len(paths) - 1, num=min(args.num_images, len(paths))).round().astype(int))
-    return [paths[i] for i in picks]
+    try:
+        images = open_images(args.data_path, labelled=False)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--data_path: {e}") from None
+    picks = np.unique(np.linspace(0, len(images) - 1, num=min(args.num_images, len(images))).round().astype(int))
+    return Picked(images, picks)
+
+
+class Picked:
+    """Some samples of util.sources.Images: load(k) decodes the k-th, name(k) names it."""
+
+    def __init__(self, images, picks):
+        self.images, self.picks = images, picks
+
+    def __len__(self):
+        return len(self.picks)
+
+    def load(self, k):
+        return read_image(self.images, self.picks[k])
+
+    def name(self, k):
+        return self.images.name(self.picks[k])
 
 
 def checkpoint_models(args):
@@ -141,7 +161,8 @@ def image_batches(paths, model, args):
     """Evaluation views (resize, centre crop, ImageNet mean / std) of `paths`, [b, 3, S, S] batches on args.device."""
     transform = eval_transform(model.patch_embed.img_size[0])
     for i in range(0, len(paths), args.batch_size):
-        yield normalize(torch.stack([transform(load_image(p)) for p in paths[i:i + args.batch_size]]).to(args.device))
+        yield normalize(torch.stack([transform(paths.load(k)) for k in range(i, min(i + args.batch_size, len(paths)))
+                                     ]).to(args.device))
 
 
 def denormalize(imgs):

@@ -84,11 +84,11 @@ def main(args):
     print("rows of each PNG: " + ", ".join(f"{label} @ {y:g},{x:g}" for label in labels for y, x in args.queries))
     os.makedirs(args.output_dir, exist_ok=True)
     with summary_writer(args.log_dir) as writer:
-        for k, image_path in enumerate(paths):
+        for k in range(len(paths)):
             rows = [row for tiles in per_run for row in tiles[k]]
             blank = torch.ones_like(rows[0][0])  # pads the rows of models with fewer heads
             grid = torch.stack([t for row in rows for t in row + [blank] * (columns - len(row))])
-            name = os.path.splitext(os.path.basename(image_path))[0]
+            name = os.path.splitext(os.path.basename(paths.name(k)))[0]
             save_images(enlarge(grid), os.path.join(args.output_dir, f"attention_maps_{k:02d}_{name}.png"),
                         nrow=columns, writer=writer, tag=f"attention_maps/{k:02d}_{name}")
 

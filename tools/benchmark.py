@@ -25,7 +25,8 @@ import models_lut  # noqa: E402
 from engine_pretrain import TrainingForward, apply_gradients, build_optimizer, build_teacher  # noqa: E402
 from engine_pretrain import masking_noise, pretrain_step  # noqa: E402
 from util.augment import LUTTwoViews, lut_views_on_device, mae_transform  # noqa: E402
-from util.datasets import PretrainDataset, augmentation_seed, find_images  # noqa: E402
+from util.datasets import PretrainDataset, augmentation_seed  # noqa: E402
+from util.sources import open_images  # noqa: E402
 
 PEAK_DTYPE = {"none": "float32", "bf16": "bfloat16", "fp16": "float16"}  # the matmul precision of each --amp
 PEAK_SIZES = {"cpu": (1024, 2048, 4096), "cuda": (4096, 8192, 16384)}  # square torch.mm sizes for the peak
@@ -151,22 +152,22 @@ def synthetic_jpegs(folder, count):
 def measure_pipeline(args, data_path):
     """Images/s of one DataLoader worker (one torch thread) for each transform, every image loaded once, and the
     seconds per batch of LUT's device half on args.device."""
-    paths = find_images(data_path)[:args.num_images]
-    for path in paths:  # into the page cache, so that every transform starts alike
-        with open(path, "rb") as f:
-            f.read()
+    images = open_images(data_path, labelled=False)
+    count = min(args.num_images, len(images))
+    for i in range(count):  # into the page cache, so that every transform starts alike
+        images.open(i)
     transforms = {"lut": (LUTTwoViews(args.input_size), None),
                   "lut_fast_decode": (LUTTwoViews(args.input_size), args.input_size),  # as with --fast_decode
                   "mae": (mae_transform(args.input_size), None)}
     threads, rates, samples = torch.get_num_threads(), {}, {}
     torch.set_num_threads(1)  # what torch gives each DataLoader worker
     for name, (transform, draft_size) in transforms.items():
-        dataset = PretrainDataset(paths, transform, draft_size=draft_size)
+        dataset = PretrainDataset(images, transform, draft_size=draft_size)
         start = time.perf_counter()
-        samples[name] = [dataset[(i, augmentation_seed(args.seed, 0, i))] for i in range(len(dataset))]
-        rates[name] = len(dataset) / (time.perf_counter() - start)
+        samples[name] = [dataset[(i, augmentation_seed(args.seed, 0, i))] for i in range(count)]
+        rates[name] = count / (time.perf_counter() - start)
     torch.set_num_threads(threads)
-    return dict(source=args.data_path or "synthetic JPEGs", images=len(paths), images_per_s=rates,
+    return dict(source=args.data_path or "synthetic JPEGs", images=count, images_per_s=rates,
                 device_half_batch=args.device_half_batch,
                 device_half_s_per_batch=measure_device_half(args, samples["lut"], args.device_half_batch)
                 if args.device_half_batch else None)

@@ -1,43 +1,21 @@
-"""Image lists, datasets and the resumable sampler. Pre-training augmentations are seeded per sample from (seed,
-epoch, index): the batches do not depend on the number of workers or GPUs, and a resume continues mid-epoch."""
+"""Datasets over util.sources' Images and the resumable sampler. Pre-training augmentations are seeded per sample
+from (seed, epoch, index): the batches do not depend on the number of workers or GPUs, and a resume continues
+mid-epoch."""
 import hashlib
 import math
 import multiprocessing
-import os
 import sys
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets import ImageFolder
 
 from util.dist import all_reduce_sum
+from util.sources import open_images
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-
-def is_image_file(path):
-    name = os.path.basename(path)  # hidden files such as macOS `._x.jpg` are skipped
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def find_images(root):
-    """Sorted image paths of root/train if it exists, else of root: those directly in it and one level deep (class
-    folders), hidden files and folders excepted. Labels are ignored."""
-    if not os.path.exists(root):
-        raise FileNotFoundError(f"data path {root} does not exist")
-    if not os.path.isdir(root):
-        raise NotADirectoryError(f"data path {root} is not a folder")
-    folder = os.path.join(root, "train") if os.path.isdir(os.path.join(root, "train")) else root
-    folders = [folder] + [e.path for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
-    paths = sorted(e.path for d in folders for e in os.scandir(d) if e.is_file() and is_image_file(e.name))
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder} or its sub-folders")
-    return paths
-
-
-def load_image(path, draft_size=None):
-    """8-bit RGB PIL image; an unreadable file raises OSError naming it. 16-bit greyscale is scaled to 8 bits, float
+def load_image(path, draft_size=None, name=None):
+    """8-bit RGB PIL image of a path or file object; an unreadable one raises OSError naming it (`name`, default
+    path). 16-bit greyscale is scaled to 8 bits, float
     greyscale in [0, 1] to 0..255; other float ranges are refused, as there is no telling what they mean.
     draft_size: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 (in the DCT domain) while both sides stay
     >= draft_size: several times faster for large photos, the pixels differing slightly from a full decode + resize."""
@@ -58,33 +36,41 @@ def load_image(path, draft_size=None):
                 img = Image.fromarray(np.round(pixels * 255).astype(np.uint8))
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise OSError(f"cannot read image file {path}: {e}") from e
+        raise OSError(f"cannot read image file {name or path}: {e}") from e
 
 
-def check_images(paths, max_files=16):
+def read_image(images, i, draft_size=None):
+    """Sample i of util.sources.Images `images`, decoded by load_image."""
+    try:
+        return load_image(images.open(i), draft_size, images.name(i))
+    except OSError as e:
+        raise OSError(str(e) if str(e).startswith("cannot read") else f"cannot read image {images.name(i)}: {e}")
+
+
+def check_images(images, max_files=16):
     """Fail early on unreadable images: decode up to `max_files` evenly spaced ones, first and last included."""
-    for i in np.unique(np.linspace(0, len(paths) - 1, num=min(max_files, len(paths))).round().astype(int)):
-        load_image(paths[i])
+    for i in np.unique(np.linspace(0, len(images) - 1, num=min(max_files, len(images))).round().astype(int)):
+        read_image(images, i)
 
 
 class UnreadableImages:
-    """Replaces an unreadable image by the next readable one of the list (a choice that depends on nothing else, so
-    a resumed run loads what the uninterrupted one did), warns, and counts it in memory shared by the workers."""
+    """Replaces an unreadable image by the next readable one (a choice that depends on nothing else, so a resumed
+    run loads what the uninterrupted one did), warns, and counts it in memory shared by the workers."""
 
-    def __init__(self, paths, draft_size=None):
-        self.paths, self.draft_size = paths, draft_size
+    def __init__(self, images, draft_size=None):
+        self.images, self.draft_size = images, draft_size
         self.count = multiprocessing.Value("q", 0)
 
     def load(self, index):  # -> (image, index of the image loaded)
-        for k in range(len(self.paths)):
-            i = (index + k) % len(self.paths)
+        for k in range(len(self.images)):
+            i = (index + k) % len(self.images)
             try:
-                return load_image(self.paths[i], self.draft_size), i
+                return read_image(self.images, i, self.draft_size), i
             except OSError as e:
                 with self.count.get_lock():
                     self.count.value += 1
                 print(f"WARNING: {e}; the next image is used instead", file=sys.stderr, flush=True)
-        raise OSError(f"none of the {len(self.paths)} images can be read")
+        raise OSError(f"none of the {len(self.images)} images can be read")
 
 
 def check_unreadable(dataset, images, max_fraction):
@@ -100,15 +86,15 @@ def check_unreadable(dataset, images, max_fraction):
 
 
 class PretrainDataset(torch.utils.data.Dataset):
-    """Unlabeled images keyed by `(index, aug_seed)` (ResumableDistributedSampler); returns `transform(image)`, whose
-    random draws are seeded by aug_seed. draft_size: see load_image (--fast_decode)."""
+    """Unlabeled util.sources.Images keyed by `(index, aug_seed)` (ResumableDistributedSampler); returns
+    `transform(image)`, whose random draws are seeded by aug_seed. draft_size: see load_image (--fast_decode)."""
 
-    def __init__(self, paths, transform, draft_size=None):
-        self.paths, self.transform = list(paths), transform
-        self.unreadable = UnreadableImages(self.paths, draft_size)
+    def __init__(self, images, transform, draft_size=None):
+        self.images, self.transform = images, transform
+        self.unreadable = UnreadableImages(images, draft_size)
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, key):
         index, aug_seed = key
@@ -163,25 +149,30 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         return self.num_samples - self.start
 
 
-class LabelledImageFolder(ImageFolder):
-    """ImageFolder whose unreadable images are replaced as in pre-training: a bad file never crashes an epoch, nor
-    every requeue at the same place."""
+class LabelledImages(torch.utils.data.Dataset):
+    """(transform(image), label) of labelled util.sources.Images; unreadable images are replaced as in
+    pre-training: a bad file never crashes an epoch, nor every requeue at the same place."""
 
-    def __init__(self, folder, transform):
-        super().__init__(folder, transform=transform, loader=load_image, is_valid_file=is_image_file)
-        self.unreadable = UnreadableImages([path for path, _ in self.samples])
+    def __init__(self, images, transform):
+        self.images, self.transform, self.targets, self.classes = images, transform, images.targets, images.classes
+        self.num_classes = len(self.classes) if self.classes else int(self.targets.max()) + 1
+        self.unreadable = UnreadableImages(images)
+
+    def __len__(self):
+        return len(self.images)
 
     def __getitem__(self, index):
         img, index = self.unreadable.load(index)
-        return self.transform(img), self.targets[index]
+        return self.transform(img), int(self.targets[index])
 
 
-def build_imagefolder(root, split, transform):
-    """Labelled `root/<split>/<class>/<image>` dataset for fine-tuning, linear probing and k-NN."""
-    folder = os.path.join(root, split)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"data path {folder} does not exist (expected {root}/{split}/<class>/<images>)")
-    return LabelledImageFolder(folder, transform)
+def build_labelled(root, split, transform, image_column=None, label_column=None):
+    """The labelled `split` of data path `root` (util.sources.open_images) for fine-tuning, linear probing, k-NN."""
+    images = open_images(root, split, labelled=True, image_column=image_column, label_column=label_column)
+    if images.targets is None or (images.targets < 0).any():
+        raise ValueError(f"{root} {split}: not every image has a label (class folders, <key>.cls members or a "
+                         f"label column)")
+    return LabelledImages(images, transform)
 
 
 def rank_shard(dataset, rank, world_size):

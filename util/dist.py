@@ -187,6 +187,32 @@ def all_reduce_mean(x):
     return x if get_world_size() == 1 else all_reduce_sum(x) / get_world_size()
 
 
+_patient_group = None
+
+
+def run_on_rank0_first(fn):
+    """fn() on rank 0, then on the other ranks, which wait for it however long it takes (a gloo group without
+    --dist_timeout's limit): rank 0 builds what the others then read, such as a cached data index. An error of rank
+    0's (SystemExit, OSError, ValueError) is raised on every rank."""
+    global _patient_group
+    if get_world_size() == 1:
+        return fn()
+    if _patient_group is None:
+        _patient_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30))
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except (SystemExit, OSError, ValueError) as e:
+            error = (type(e), str(e) if not isinstance(e, SystemExit) else e.code)
+    box = [error]
+    dist.broadcast_object_list(box, src=0, group=_patient_group)
+    if box[0] is not None:
+        kind, message = box[0]
+        raise kind(message)
+    return result if get_rank() == 0 else fn()
+
+
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank (picklable objects); [obj] on one process."""
     if get_world_size() == 1:

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from util.augment import eval_transform, normalize
-from util.datasets import build_imagefolder, rank_shard
+from util.datasets import build_labelled, rank_shard
 from util.dist import all_reduce_sum, autocast, get_rank, get_world_size
 
 
@@ -64,21 +64,22 @@ def knn_hits(scores, labels):
 
 
 class KNNEvaluator:
-    """k-NN accuracy of a frozen encoder on the ImageFolder `data_path/val`, `data_path/train` being the memory bank,
-    both read with the evaluation view; missing folders fail at construction. Every rank extracts the features of its
+    """k-NN accuracy of a frozen encoder on `data_path`'s labelled val split, its train split being the memory bank
+    (util.sources.open_images; columns: its image_column, label_column), both read with the evaluation view; a
+    missing split fails at construction. Every rank extracts the features of its
     shard, the bank is gathered on every rank and hit counts are summed: the result does not depend on the ranks."""
 
-    def __init__(self, data_path, input_size, batch_size=256, num_workers=8, k=20, temperature=0.07, pool="token"):
+    def __init__(self, data_path, input_size, batch_size=256, num_workers=8, k=20, temperature=0.07, pool="token",
+                 columns=None):
         transform = eval_transform(input_size)
         try:
-            self.train_set = build_imagefolder(data_path, "train", transform)
-            self.val_set = build_imagefolder(data_path, "val", transform)
-        except (OSError, ValueError) as e:  # ImageFolder raises FileNotFoundError for a folder with no images
-            raise ValueError(f"k-NN evaluation needs labelled {data_path}/train/<class>/ and "
-                             f"{data_path}/val/<class>/ folders: {e}") from None
+            self.train_set = build_labelled(data_path, "train", transform, **(columns or {}))
+            self.val_set = build_labelled(data_path, "val", transform, **(columns or {}))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"k-NN evaluation needs labelled train and val splits of {data_path}: {e}") from None
         if self.train_set.classes != self.val_set.classes:
-            raise ValueError(f"{data_path}/train and {data_path}/val have different class folders")
-        self.num_classes = len(self.train_set.classes)
+            raise ValueError(f"{data_path}'s train and val splits have different classes")
+        self.num_classes = max(self.train_set.num_classes, self.val_set.num_classes)
         self.k, self.temperature, self.pool = k, temperature, pool
         self.loaders = [torch.utils.data.DataLoader(rank_shard(ds, get_rank(), get_world_size()),
                                                     batch_size=batch_size, num_workers=num_workers)

@@ -1,0 +1,337 @@
+"""Images in archives (util.sources): tar shards, ImageNet's class tars and Hugging Face datasets read by sample
+index give the folder's images, labels and batches; bad archives are named in one line; runs on shards resume
+bitwise and 2 ranks equal 1."""
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import util.dist as dist_util
+import util.sources as sources
+from runs import MICRO_PRETRAIN, ROOT, TORCHRUN, assert_same_state, assert_same_training_state, epoch_log, run
+from util.augment import LUTTwoViews
+from util.datasets import PretrainDataset, ResumableDistributedSampler, build_labelled, read_image
+from util.sources import LAYOUTS, TarImages, open_images
+
+PACK = os.path.join(ROOT, "tools", "pack_shards.py")
+
+
+def pixels(images, i):
+    return np.asarray(read_image(images, i))
+
+
+def write_folder(root):
+    """train/ and val/ of 3 classes, PNG and JPEG images of several sizes."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 7), ("val", 3)):
+        for c in ("bird", "cat", "dog"):
+            os.makedirs(root / split / c)
+            for i in range(count):
+                img = Image.fromarray(rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8))
+                img.save(root / split / c / f"{c}_{i}.{'png' if i % 2 else 'jpg'}")
+
+
+def class_tars(folder, out):
+    """ImageNet's train layout: one <class>.tar of the class's images."""
+    os.makedirs(out)
+    for c in sorted(os.listdir(folder)):
+        with tarfile.open(out / f"{c}.tar", "w") as tar:
+            for name in sorted(os.listdir(folder / c)):
+                tar.add(folder / c / name, arcname=name)
+
+
+def hf_dataset(folder):
+    import datasets
+    images = open_images(str(folder.parent), folder.name)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=images.classes)})
+    return datasets.Dataset.from_dict(
+        {"image": [{"bytes": open(images.open(i), "rb").read(), "path": None} for i in range(len(images))],
+         "label": images.targets.tolist()}, features=features)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """The same labelled images as a folder and in every archive layout; the source folder removed (copied first
+    for the comparisons)."""
+    pytest.importorskip("datasets")
+    root = tmp_path_factory.mktemp("layouts")
+    write_folder(root / "source")
+    subprocess.run([sys.executable, PACK, "--data_path", root / "source", "--out", root / "wds", "--shard_size", "4"],
+                   check=True, capture_output=True)
+    class_tars(root / "source" / "train", root / "class_tars" / "train")
+    shutil.copytree(root / "source" / "val", root / "class_tars" / "val")  # ImageNet's val: any labelled layout
+    train, val = hf_dataset(root / "source" / "train"), hf_dataset(root / "source" / "val")
+    import datasets
+    datasets.DatasetDict(train=train, validation=val).save_to_disk(root / "saved")
+    os.makedirs(root / "parquet" / "data")
+    train.to_parquet(root / "parquet" / "data" / "train-00000-of-00001.parquet")
+    val.to_parquet(root / "parquet" / "data" / "validation-00000-of-00001.parquet")
+    shutil.copytree(root / "source", root / "folder")
+    shutil.rmtree(root / "source")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["wds", "class_tars", "saved", "parquet"])
+def test_every_layout_gives_the_images_and_labels_of_the_folder(layouts, layout):
+    for split in ("train", "val"):
+        folder, other = open_images(str(layouts / "folder"), split), open_images(str(layouts / layout), split)
+        assert len(other) == len(folder) == {"train": 21, "val": 9}[split]
+        assert other.targets.tolist() == folder.targets.tolist() == sorted(folder.targets.tolist())
+        assert other.classes in (folder.classes, None)  # webdataset's .cls members hold numbers only
+        for i in range(len(folder)):
+            assert np.array_equal(pixels(other, i), pixels(folder, i)), (split, i)
+        labelled = build_labelled(str(layouts / layout), split, lambda img: img)
+        assert labelled.num_classes == 3 and [labelled[i][1] for i in (0, len(folder) - 1)] == [0, 2]
+
+
+def test_pretraining_batches_from_archives_equal_the_folders_with_several_workers(layouts):
+    def batches(path):
+        dataset = PretrainDataset(open_images(str(path), labelled=False), LUTTwoViews(16))
+        sampler = ResumableDistributedSampler(len(dataset), seed=3)
+        sampler.set_epoch(2)
+        return list(torch.utils.data.DataLoader(dataset, batch_size=4, sampler=sampler, num_workers=2))
+    want = batches(layouts / "folder")
+    for layout in ("wds", "class_tars", "saved", "parquet"):
+        got = batches(layouts / layout)
+        assert len(got) == len(want) == 6
+        for a, b in zip(got, want):
+            assert all(torch.equal(x, y) for x, y in zip(a[:2], b[:2]))
+            assert all(torch.equal(a[2][k], b[2][k]) for k in b[2])
+
+
+def test_a_shard_folder_named_by_split_as_imagenet_1k_wds_reads_each_split(layouts, tmp_path):
+    for split, name in (("train", "imagenet1k-train"), ("val", "imagenet1k-validation")):
+        for k, shard in enumerate(sorted(os.listdir(layouts / "wds" / split))):
+            shutil.copy(layouts / "wds" / split / shard, tmp_path / f"{name}-{k:04d}.tar")
+    for split in ("train", "val"):
+        images, folder = open_images(str(tmp_path), split), open_images(str(layouts / "folder"), split)
+        assert images.targets.tolist() == folder.targets.tolist()
+        assert np.array_equal(pixels(images, len(images) - 1), pixels(folder, len(folder) - 1))
+
+
+def shards_of_single_images(tmp_path, count):
+    folder = tmp_path / "images"
+    os.makedirs(folder)
+    for i in range(count):
+        Image.fromarray(np.full((4, 4, 3), i, np.uint8)).save(folder / f"{i:03d}.png")
+    subprocess.run([sys.executable, PACK, "--data_path", folder, "--out", tmp_path / "wds", "--shard_size", "1"],
+                   check=True, capture_output=True)
+    return tmp_path / "wds" / "train"
+
+
+def open_files():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_reading_many_shards_keeps_at_most_max_open_shards_open(tmp_path):
+    images = open_images(str(shards_of_single_images(tmp_path, sources.MAX_OPEN_SHARDS + 36)), labelled=False)
+    before = open_files()
+    order = np.random.default_rng(0).permutation(len(images))
+    for i in order:
+        assert pixels(images, i)[0, 0, 0] == i
+    assert open_files() - before == sources.MAX_OPEN_SHARDS
+    assert images.opened == len(images)  # each of the shards once: one open per shard per pass at most
+
+
+def test_the_index_is_built_once_and_cached_outside_the_data_folder(layouts, tmp_path, capsys, data_cache):
+    shutil.copytree(layouts / "wds", tmp_path / "wds")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    open_images(str(tmp_path / "wds"))
+    assert "21 images indexed in" in capsys.readouterr().out
+    assert len(open_images(str(tmp_path / "wds"))) == 21
+    assert capsys.readouterr().out == ""  # read from the cache
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written there
+    assert any(name.startswith("train-shards-all-") for name in os.listdir(data_cache))
+
+
+def test_an_image_folder_is_listed_once_and_listed_again_when_it_changes(layouts, tmp_path, capsys):
+    shutil.copytree(layouts / "folder", tmp_path / "folder")
+    assert len(open_images(str(tmp_path / "folder"))) == 21
+    assert "21 images listed in" in capsys.readouterr().out
+    open_images(str(tmp_path / "folder"))
+    assert capsys.readouterr().out == ""
+    shutil.copy(tmp_path / "folder" / "train" / "cat" / "cat_0.jpg", tmp_path / "folder" / "train" / "cat" / "new.jpg")
+    assert len(open_images(str(tmp_path / "folder"))) == 22
+    out = capsys.readouterr().out
+    assert f"WARNING: the index" in out and "is stale (cat changed since it was built)" in out
+
+
+def test_a_changed_shard_makes_its_index_stale_and_rebuilt(layouts, tmp_path, capsys):
+    shutil.copytree(layouts / "wds", tmp_path / "wds")
+    open_images(str(tmp_path / "wds"))
+    shard = tmp_path / "wds" / "train" / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()][:4]  # the first 2 images only
+    with tarfile.open(shard, "w") as tar:
+        for member, data in members:
+            tar.addfile(member, io.BytesIO(data))
+    capsys.readouterr()
+    assert len(open_images(str(tmp_path / "wds"))) == 19
+    assert "is stale (shard-000000.tar changed since it was built)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cut", ["mid_member", "member_boundary"])
+def test_a_truncated_shard_stops_in_one_line_naming_it(layouts, tmp_path, cut):
+    shutil.copytree(layouts / "wds", tmp_path / "wds")
+    shard = tmp_path / "wds" / "train" / "shard-000001.tar"
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:last.offset_data + last.size // 2] if cut == "mid_member" else
+                      data[:last.offset_data + -(-last.size // 512) * 512])
+    with pytest.raises(SystemExit) as stop:
+        open_images(str(tmp_path / "wds"))
+    assert str(stop.value).startswith(f"{shard} is truncated or not a tar file") and "\n" not in str(stop.value)
+
+
+def test_a_shard_truncated_after_indexing_is_a_stale_index_then_one_line(layouts, tmp_path, capsys):
+    shutil.copytree(layouts / "wds", tmp_path / "wds")
+    images = open_images(str(tmp_path / "wds"))
+    shard = tmp_path / "wds" / "train" / "shard-000005.tar"
+    shard.write_bytes(shard.read_bytes()[:600])  # into the image's bytes
+    with pytest.raises(OSError, match="the shard is truncated"):  # an open dataset: its reads see the cut
+        read_image(images, 20)
+    with pytest.raises(SystemExit, match=f"{shard} is truncated or not a tar file"):  # a restart
+        open_images(str(tmp_path / "wds"))
+    assert "shard-000005.tar changed since it was built" in capsys.readouterr().out
+
+
+def test_an_unreadable_member_is_replaced_by_the_next_image_and_named(layouts, tmp_path, capsys):
+    shutil.copytree(layouts / "wds", tmp_path / "wds")
+    shard = tmp_path / "wds" / "train" / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        member = tar.getmember("000000001.png")
+    with open(shard, "r+b") as f:  # the same size, garbage bytes: the index still holds
+        f.seek(member.offset_data)
+        f.write(b"\0" * member.size)
+    images = open_images(str(tmp_path / "wds"), labelled=False)
+    dataset = PretrainDataset(images, LUTTwoViews(16))
+    assert all(torch.equal(a, b) for a, b in zip(dataset[(1, 5)][:2], dataset[(2, 5)][:2]))
+    assert f"WARNING: cannot read image file {shard}:000000001.png" in capsys.readouterr().err
+
+
+def test_a_folder_in_no_known_layout_gets_the_list_of_layouts(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images")
+    with pytest.raises(ValueError) as error:
+        open_images(str(tmp_path), labelled=False)
+    assert str(error.value).startswith(f"no images found in {tmp_path}; accepted layouts: ")
+    assert all(layout in str(error.value) for layout in LAYOUTS)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/val does not exist, nor has {tmp_path} val .tar or .parquet files"):
+        open_images(str(tmp_path), "val")
+
+
+def test_a_hugging_face_dataset_without_the_datasets_package_is_one_line(layouts, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(SystemExit, match="reading a Hugging Face dataset needs the datasets package: pip install "
+                                         "datasets"):
+        open_images(str(layouts / "saved"))
+
+
+def test_hf_name_reads_a_dataset_downloaded_into_the_hugging_face_cache(layouts, tmp_path):
+    snapshot = tmp_path / "hub" / "datasets--tiny--animals" / "snapshots" / ("a" * 40)
+    shutil.copytree(layouts / "parquet", snapshot)
+    (tmp_path / "hub" / "datasets--tiny--animals" / "refs").mkdir()
+    (tmp_path / "hub" / "datasets--tiny--animals" / "refs" / "main").write_text("a" * 40)
+    code = ("import sys; from util.sources import open_images; images = open_images('hf:tiny/animals', 'val'); "
+            "print(len(images), images.targets.tolist(), images.classes)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == f"9 {[0] * 3 + [1] * 3 + [2] * 3} ['bird', 'cat', 'dog']"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank0_first_worker(rank, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import argparse
+    dist_util.init_distributed(argparse.Namespace(device="cpu", dist_timeout=0.05))  # 3 s for any collective
+
+    def build():
+        if rank == 0:
+            time.sleep(6)
+        return f"built by {rank}"
+    result = dist_util.run_on_rank0_first(build)
+    try:
+        dist_util.run_on_rank0_first(lambda: (_ for _ in ()).throw(ValueError("rank 0 could not build it")))
+    except ValueError as e:
+        result += f"; {e}"
+    with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(result)
+    torch.distributed.destroy_process_group()
+
+
+def test_rank_0_builds_first_while_the_others_wait_longer_than_the_dist_timeout(tmp_path):
+    mp.spawn(_rank0_first_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [
+        "built by 0; rank 0 could not build it", "built by 1; rank 0 could not build it"]
+
+
+# ---------------------------------------------------------------- training on shards
+
+PRETRAIN = ["--model", "lut_vit_micro", "--input_size", "32", "--patch_size", "8", "--batch_size", "16",
+            "--warmup_epochs", "1", "--head_mlp_dim", "64", "--print_freq", "4", "--epochs", "2", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def flat_shards(flat_images, tmp_path_factory):
+    """flat_images packed into 5 shards, the copy they were packed from removed."""
+    root = tmp_path_factory.mktemp("flat_shards")
+    shutil.copytree(flat_images, root / "images")
+    subprocess.run([sys.executable, PACK, "--data_path", root / "images", "--out", root / "wds", "--shard_size", "60"],
+                   check=True, capture_output=True)
+    shutil.rmtree(root / "images")
+    return root / "wds"
+
+
+@pytest.mark.slow
+def test_pretraining_on_shards_stopped_killed_and_resumed_is_bitwise_the_folder_run(flat_images, flat_shards,
+                                                                                     tmp_path):
+    run([sys.executable, MICRO_PRETRAIN, *PRETRAIN, "--data_path", flat_images, "--output_dir", tmp_path / "folder"])
+    common = [sys.executable, MICRO_PRETRAIN, *PRETRAIN, "--data_path", flat_shards, "--num_workers", "2",
+              "--output_dir", tmp_path / "shards"]
+    run([*common, "--stop_at_step", "5"])  # mid-epoch
+    killed = run(common, check=False, env={"KILL_AT": "after:checkpoint-last.pth:1"})  # killed after epoch 0
+    assert killed.returncode == -9
+    run(common)
+    assert_same_training_state(tmp_path / "folder" / "checkpoint-last.pth", tmp_path / "shards" / "checkpoint-last.pth")
+    straight, resumed = epoch_log(tmp_path / "folder"), epoch_log(tmp_path / "shards")
+    assert [r["epoch"] for r in resumed] == [0, 1]
+    assert all(b[k] == pytest.approx(a[k], rel=1e-6) for a, b in zip(straight, resumed) for k in a)
+
+
+@pytest.mark.slow
+def test_two_ranks_on_shards_equal_one_rank_on_the_folder(flat_images, flat_shards, tmp_path):
+    flags = [*PRETRAIN, "--epochs", "1", "--stop_at_step", "2", "--dump_weights", "--num_workers", "0"]
+    run([*TORCHRUN, MICRO_PRETRAIN, *flags, "--data_path", flat_shards, "--output_dir", tmp_path / "ddp",
+         "--batch_size", "8", "--device", "cpu"])
+    run([sys.executable, MICRO_PRETRAIN, *flags, "--data_path", flat_images, "--output_dir", tmp_path / "single"])
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pth") for r in (0, 1))
+    assert_same_state(rank0, rank1)
+    single = torch.load(tmp_path / "single" / "rank0.pth")
+    for k in single:
+        torch.testing.assert_close(rank0[k].float(), single[k].float(), rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_tar_images_pickle_without_their_open_files(layouts):
+    import pickle
+    images = open_images(str(layouts / "wds"))
+    pixels(images, 0)
+    copy = pickle.loads(pickle.dumps(images))
+    assert isinstance(copy, TarImages) and len(copy._fds) == 0
+    assert np.array_equal(pixels(copy, 20), pixels(images, 20))
