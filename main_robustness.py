@@ -8,19 +8,19 @@ import argparse
 import json
 import os
 
+import numpy as np
 import torch
-from torchvision.datasets import ImageFolder
 
 import models_vit
 from engine_finetune import add_encoder_args, check_encoder_args, evaluate
 from util.augment import eval_crop_pct, eval_transform
 from util.checkpoint import load_checkpoint, saved_args, write_atomically
-from util.datasets import load_image, rank_shard
-from util.sources import is_image_file
+from util.datasets import LabelledImages, rank_shard
 from util.dist import destroy_distributed, is_main_process
 from util.robustness import (ALEXNET_ERROR, ALEXNET_ERROR_EXTRA, CORRUPTIONS, EXTRA_CORRUPTIONS, IMAGENET_A_WNIDS,
                              IMAGENET_R_WNIDS, IMAGENET_WNIDS, SEVERITIES)
 from util.run import add_run_args, start_run
+from util.sources import open_folder
 
 # Each set's class folders (the released layout) and the logits that compete: None = all 1000.
 SETS = {
@@ -95,10 +95,10 @@ def check_classes(name, folder):
 
 def dataset(name, folder, transform):
     """The images of `folder` with labels that index the set's competing classes."""
-    images = ImageFolder(folder, transform=transform, loader=load_image, is_valid_file=is_image_file, allow_empty=True)
+    images = open_folder(folder, labelled=True)  # listed once and cached (util.sources)
     position = {c: i for i, c in enumerate(SETS[name][0])}
-    images.target_transform = [position[c] for c in images.classes].__getitem__
-    return images
+    images.targets = np.array([position[c] for c in images.classes])[images.targets]
+    return LabelledImages(images, transform)
 
 
 def summarize(results):

@@ -45,7 +45,7 @@ def tool_parser(doc, many_checkpoints, num_images=None, no_plot=False):
     if num_images is None:
         return parser
     parser.add_argument("--data_path", required=True,
-                        help="images: an ImageFolder root (root/train/<class>/*, root/<class>/*) or a flat folder")
+                        help="images: a folder (its train/ split if it has one) in any layout of docs/data.md")
     parser.add_argument("--num_images", type=int, default=num_images,
                         help=f"images to use, evenly spaced over the sorted file list (default {num_images})")
     parser.add_argument("--batch_size", type=int, default=16)

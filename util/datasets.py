@@ -115,7 +115,7 @@ def augmentation_seed(seed, epoch, index):
 class ResumableDistributedSampler(torch.utils.data.Sampler):
     """torch's DistributedSampler index split (permutation from seed + epoch, rank r takes perm[r::num_replicas],
     the tail dropped or padded by repeating the start), able to resume mid-epoch and yielding `(index, aug_seed)`
-    keys; with_seeds=False yields plain indices (labelled ImageFolders, whose timm augmentations are not seeded)."""
+    keys; with_seeds=False yields plain indices (labelled images, whose timm augmentations are not seeded)."""
 
     def __init__(self, dataset_len, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True, with_seeds=True):
         if not 0 <= rank < num_replicas:

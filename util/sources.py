@@ -301,14 +301,30 @@ def write_index(path, index, key):
                          f"can write") from None
 
 
+class Progress:
+    """A line every 10 s while `folder`'s entries are read: files or folders done of the total, images so far."""
+
+    def __init__(self, folder, total, unit):
+        self.folder, self.total, self.unit, self.start = folder, total, unit, time.time()
+        self.last = self.start
+
+    def __call__(self, done, images):
+        if time.time() - self.last > 10:
+            self.last = time.time()
+            print(f"{self.folder}: {done}/{self.total} {self.unit}, {images} images, {self.last - self.start:.0f} s",
+                  flush=True)
+
+
 def list_folder(folder, signature):
     """Sorted image paths relative to `folder`, those directly in it and those in its sub-folders (the classes,
     labelled by their rank among the sorted folder names; -1 for the folder's own images); hidden files and folders
     skipped."""
-    classes = [d for d, _ in signature[1:]]
-    found = sorted((os.path.join(c, e.name) if c != "." else e.name, label - 1)
-                   for label, (c, _) in enumerate(signature) for e in os.scandir(os.path.join(folder, c))
-                   if e.is_file() and is_image_file(e.name))
+    classes, found, progress = [d for d, _ in signature[1:]], [], Progress(folder, len(signature), "folders")
+    for label, (c, _) in enumerate(signature):
+        found += [(os.path.join(c, e.name) if c != "." else e.name, label - 1)
+                  for e in os.scandir(os.path.join(folder, c)) if e.is_file() and is_image_file(e.name)]
+        progress(label + 1, len(found))
+    found.sort()
     if not found:
         raise no_images(folder)
     paths, targets = [p for p, _ in found], np.array([t for _, t in found], dtype=np.int64)
@@ -321,8 +337,9 @@ def index_shards(folder, signature):
     """Each shard's image members in stored order: their offsets and sizes, labels from <key>.cls members, or where
     no shard has any, the index of the shard's name among the sorted names (ImageNet's <class>.tar)."""
     shard, offset, size, members, labels, keys = [], [], [], [], [], []
-    cls = {}
+    cls, progress = {}, Progress(folder, len(signature), "shards")
     for s, (name, *_) in enumerate(signature):
+        progress(s, len(shard))
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -358,11 +375,16 @@ def index_shards(folder, signature):
 # ---------------------------------------------------------------- Hugging Face datasets
 
 def import_datasets():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the data is local: never wait for the network at run time
+    """datasets, offline unless HF_HUB_OFFLINE says otherwise: the data is local, and a node without network would
+    wait for the Hub's retries."""
+    offline = os.environ.setdefault("HF_HUB_OFFLINE", "1") == "1"
     try:
         import datasets
+        import huggingface_hub.constants
     except ImportError:
         raise SystemExit("reading a Hugging Face dataset needs the datasets package: pip install datasets") from None
+    if offline:  # huggingface_hub may have read the variable before it was set (timm imports it)
+        huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
     return datasets
 
 

@@ -95,7 +95,7 @@ def submit(entry, argv=None):
     for name in vars(cluster_parser.parse_args([])):  # the SLURM flags go to the executor, not to the entry script
         setattr(cluster, name, getattr(args, name))
         delattr(args, name)
-    if not os.path.exists(args.data_path):
+    if not args.data_path.startswith("hf:") and not os.path.exists(args.data_path):
         raise SystemExit(f"--data_path {args.data_path} does not exist here (the compute nodes need the same path)")
     on_gpu = args.device.startswith("cuda")
     if cluster.cpus_per_task is None:
