@@ -27,7 +27,7 @@ LAYOUTS = ("image files in class folders (<class>/<image>) or directly in the fo
            "a Hugging Face dataset saved with save_to_disk",
            "Hugging Face parquet files (<split>-*.parquet, in the folder or its data/)",
            "hf:<name>, a Hugging Face dataset in the local cache")
-MAX_OPEN_SHARDS = 64  # per process (DataLoader worker): the default `ulimit -n` is 1024
+MAX_OPEN_SHARDS = 256  # per process (DataLoader worker): the default `ulimit -n` is 1024
 INDEX_VERSION = 1
 
 
