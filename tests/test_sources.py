@@ -164,7 +164,7 @@ def test_an_image_folder_is_listed_once_and_listed_again_when_it_changes(layouts
     shutil.copy(tmp_path / "folder" / "train" / "cat" / "cat_0.jpg", tmp_path / "folder" / "train" / "cat" / "new.jpg")
     assert len(open_images(str(tmp_path / "folder"))) == 22
     out = capsys.readouterr().out
-    assert f"WARNING: the index" in out and "is stale (cat changed since it was built)" in out
+    assert "WARNING: the index" in out and "is stale (cat changed since it was built)" in out
 
 
 def test_a_changed_shard_makes_its_index_stale_and_rebuilt(layouts, tmp_path, capsys):
@@ -305,15 +305,19 @@ PRETRAIN = ["--model", "lut_vit_micro", "--input_size", "32", "--patch_size", "8
             "--warmup_epochs", "1", "--head_mlp_dim", "64", "--print_freq", "4", "--epochs", "2", "--seed", "3"]
 
 
-@pytest.fixture(scope="module")
-def flat_shards(flat_images, tmp_path_factory):
-    """flat_images packed into 5 shards, the copy they were packed from removed."""
-    root = tmp_path_factory.mktemp("flat_shards")
-    shutil.copytree(flat_images, root / "images")
-    subprocess.run([sys.executable, PACK, "--data_path", root / "images", "--out", root / "wds", "--shard_size", "60"],
-                   check=True, capture_output=True)
+def packed(images, root, shard_size):
+    """`images` packed into shards of shard_size under root/wds, the copy they were packed from removed."""
+    shutil.copytree(images, root / "images")
+    subprocess.run([sys.executable, PACK, "--data_path", root / "images", "--out", root / "wds", "--shard_size",
+                    shard_size], check=True, capture_output=True)
     shutil.rmtree(root / "images")
     return root / "wds"
+
+
+@pytest.fixture(scope="module")
+def flat_shards(flat_images, tmp_path_factory):
+    """flat_images in 5 shards."""
+    return packed(flat_images, tmp_path_factory.mktemp("flat_shards"), 60)
 
 
 @pytest.mark.slow
@@ -364,3 +368,23 @@ def test_data_speed_measures_every_layout_and_direct_parquet_reads_whole_row_gro
     assert rows["tar shards of 20 (3 shards)"]["files_opened"] == 3  # one per shard
     assert all(r["images"] == 60 for r in rows.values())
     assert rows["parquet, row groups read directly"]["bytes_decoded_per_byte_wanted"] > 30  # one row group of 60
+
+
+@pytest.fixture(scope="module")
+def demo_shards(small_demo, tmp_path_factory):
+    """small_demo's train/ and val/ in shards of 50 (with .cls labels)."""
+    return packed(small_demo, tmp_path_factory.mktemp("demo_shards"), 50)
+
+
+@pytest.mark.slow
+def test_fine_tuning_and_knn_on_shards_are_bitwise_the_folder_runs(small_demo, demo_shards, tmp_path):
+    micro = os.path.join(ROOT, "tests", "micro_finetune.py")
+    common = ["--model", "vit_micro", "--input_size", "32", "--patch_size", "8", "--num_workers", "2",
+              "--batch_size", "64"]
+    for name, data in (("folder", small_demo), ("shards", demo_shards)):
+        run([sys.executable, micro, "finetune", *common, "--epochs", "2", "--data_path", data, "--output_dir",
+             tmp_path / name])
+        run([sys.executable, micro, "knn", *common, "--data_path", data, "--output_dir", tmp_path / f"knn_{name}"])
+    assert_same_training_state(tmp_path / "folder" / "checkpoint-last.pth", tmp_path / "shards" / "checkpoint-last.pth")
+    assert epoch_log(tmp_path / "shards") == epoch_log(tmp_path / "folder")
+    assert (tmp_path / "knn_shards" / "knn.json").read_text() == (tmp_path / "knn_folder" / "knn.json").read_text()

@@ -107,7 +107,7 @@ def parquet_row_groups(files, num_reads):
 def main(args):
     if not args.data_path and not args.synthetic:
         raise SystemExit("give --data_path or --synthetic N")
-    import datasets  # noqa: F401  (sources.import_datasets says what to install when it is missing)
+    sources.import_datasets()  # a one-line message when datasets is missing
     work = args.workdir or tempfile.mkdtemp(prefix="data_speed-")
     os.environ["LUT_DATA_CACHE"] = os.path.join(work, "cache")
     os.environ["HF_DATASETS_CACHE"] = os.path.join(work, "hf_cache")

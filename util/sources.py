@@ -336,7 +336,7 @@ def list_folder(folder, signature):
 def index_shards(folder, signature):
     """Each shard's image members in stored order: their offsets and sizes, labels from <key>.cls members, or where
     no shard has any, the index of the shard's name among the sorted names (ImageNet's <class>.tar)."""
-    shard, offset, size, members, labels, keys = [], [], [], [], [], []
+    shard, offset, size, members, keys = [], [], [], [], []
     cls, progress = {}, Progress(folder, len(signature), "shards")
     for s, (name, *_) in enumerate(signature):
         progress(s, len(shard))
