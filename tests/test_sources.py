@@ -388,3 +388,22 @@ def test_fine_tuning_and_knn_on_shards_are_bitwise_the_folder_runs(small_demo, d
     assert_same_training_state(tmp_path / "folder" / "checkpoint-last.pth", tmp_path / "shards" / "checkpoint-last.pth")
     assert epoch_log(tmp_path / "shards") == epoch_log(tmp_path / "folder")
     assert (tmp_path / "knn_shards" / "knn.json").read_text() == (tmp_path / "knn_folder" / "knn.json").read_text()
+
+
+def test_a_datasets_image_and_label_columns_are_found_or_named(layouts, tmp_path):
+    import datasets
+    folder = open_images(str(layouts / "folder"), "val")
+    data = datasets.load_from_disk(str(layouts / "saved" / "validation"))
+    renamed = datasets.Dataset.from_dict(
+        {"photo": data.cast_column("image", datasets.Image(decode=False))["image"], "target": folder.targets.tolist(),
+         "thumb": [None] * len(folder)},
+        features=datasets.Features({"photo": datasets.Image(), "target": datasets.Value("int64"),
+                                    "thumb": datasets.Image()}))
+    renamed.save_to_disk(tmp_path / "val")
+    with pytest.raises(ValueError, match="2 Image columns .* name the images with --image_column"):
+        open_images(str(tmp_path), "val")
+    with pytest.raises(ValueError, match="not every image has a label"):
+        build_labelled(str(tmp_path), "val", lambda img: img, image_column="photo")
+    images = open_images(str(tmp_path), "val", image_column="photo", label_column="target")
+    assert images.targets.tolist() == folder.targets.tolist()
+    assert np.array_equal(pixels(images, 4), pixels(folder, 4))

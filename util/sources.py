@@ -136,10 +136,12 @@ class HFImages(Images):
     def __init__(self, ds, source, image_column=None, label_column=None):
         import datasets
         features = ds.features
-        image_column = image_column or next((c for c, f in features.items() if isinstance(f, datasets.Image)), None)
+        found = [c for c, f in features.items() if isinstance(f, datasets.Image)]
+        image_column = image_column or (found[0] if len(found) == 1 else None)
         if image_column not in features:
-            raise ValueError(f"{source} has no image column{f' {image_column!r}' if image_column else ''} (its "
-                             f"columns: {', '.join(features)}): name it with --image_column")
+            what = f"no column {image_column!r}" if image_column else f"{len(found)} Image columns"
+            raise ValueError(f"{source}: {what} (its columns: {', '.join(features)}): name the images with "
+                             f"--image_column")
         if label_column is None:
             label_column = next((c for c, f in features.items() if isinstance(f, datasets.ClassLabel)),
                                 "label" if "label" in features else None)
