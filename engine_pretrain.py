@@ -81,8 +81,7 @@ def train_one_epoch(model, teacher, data_loader, optimizer, scaler, device, epoc
     Returns (epoch means, optimizer steps of the epoch done, logger totals)."""
     model.train()
     student = getattr(model, "module", model).student  # DDP keeps the module it wraps in .module
-    accum = args.accum_iter
-    micro_per_epoch = args.steps_per_epoch * accum
+    accum, micro_per_epoch = args.accum_iter, args.steps_per_epoch * args.accum_iter
     logger = MetricLogger(header=f"Epoch [{epoch}]", print_freq=args.print_freq, total_iters=micro_per_epoch,
                           totals=totals, epoch=epoch, log_writer=log_writer, tb_prefix="train_")
     step = start_step

@@ -14,18 +14,15 @@ from util.pos_embed import get_2d_sincos_pos_embed
 
 
 def check_mask_ratio(mask_ratio, num_patches=None, num_views=1):
-    """n = int(L * (1 - mask_ratio)), the visible patches of each view, or a ValueError naming what does not fit:
-    a ratio in (0, 1), at least 1 - 1 / num_views (the views' visible sets are disjoint), at least one visible patch
-    of num_patches (not checked when None)."""
+    """n = int(L * (1 - mask_ratio)), the visible patches per view (None without num_patches), or a ValueError naming
+    what does not fit: a ratio in (0, 1), at least 1 - 1 / num_views (disjoint visible sets), one visible patch."""
     if not 0 < mask_ratio < 1:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
     if mask_ratio < 1 - 1 / num_views:
         raise ValueError(f"mask_ratio >= {1 - 1 / num_views:g} is needed so that the {num_views} views' visible "
                          f"patches are disjoint, got {mask_ratio}")
-    if num_patches is None:
-        return None
-    n = int(num_patches * (1 - mask_ratio))
-    if n < 1:
+    n = None if num_patches is None else int(num_patches * (1 - mask_ratio))
+    if n is not None and n < 1:
         raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch of {num_patches}")
     return n
 

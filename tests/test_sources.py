@@ -227,7 +227,8 @@ def test_a_folder_in_no_known_layout_gets_the_list_of_layouts(tmp_path):
         open_images(str(tmp_path), labelled=False)
     assert str(error.value).startswith(f"no images found in {tmp_path}; accepted layouts: ")
     assert all(layout in str(error.value) for layout in LAYOUTS)
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/val does not exist, nor has {tmp_path} val .tar or .parquet files"):
+    with pytest.raises(FileNotFoundError,
+                       match=f"{tmp_path}/val does not exist, nor has {tmp_path} val .tar or .parquet files"):
         open_images(str(tmp_path), "val")
 
 

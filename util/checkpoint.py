@@ -78,20 +78,16 @@ _pending = None  # the Future of the last write handed to _writer, until wait_fo
 
 def save_in_background(state, path, then=None, previous=None):
     """torch.save(state) into `path` (write_atomically) in the writer thread, followed there by then(the saved copy);
-    returns once
-    `state` is copied, while training goes on. previous: the file `path` replaces keeps this second name (a hard
-    link, or a rename where there are none: nothing is written). The previous background save is waited for first
-    (one copy in memory at a time), and its failure raised here."""
+    returns once `state` is copied, while training goes on. previous: the file `path` replaces keeps this second name
+    (a hard link, or a rename where there are none: nothing is written). The previous background save is waited for
+    first (one copy in memory at a time), and its failure raised here."""
     global _pending
     wait_for_saves()
     saved = snapshot(state)
 
     def write():
-        try:
-            if previous is not None and os.path.exists(path) and not _hard_link(path, previous):
-                os.replace(path, previous)
-        except OSError as e:
-            raise SystemExit(f"could not keep {path} as {previous}: {e.strerror} (errno {e.errno})") from None
+        if previous is not None and os.path.exists(path) and not _hard_link(path, previous):
+            os.replace(path, previous)
         write_atomically(path, lambda f: torch.save(saved, f))
         if then is not None:
             then(saved)
@@ -104,8 +100,10 @@ def wait_for_saves():
     end_run make it)."""
     global _pending
     pending, _pending = _pending, None
-    if pending is not None:
-        pending.result()
+    try:
+        pending is None or pending.result()
+    except OSError as e:  # keeping the replaced checkpoint-last.pth failed (write_atomically's own are SystemExit)
+        raise SystemExit(f"could not save a checkpoint: {e}") from None
 
 
 def snapshot(value):
@@ -134,12 +132,10 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except FileNotFoundError:
+    except (FileNotFoundError, MemoryError):
         raise
     except PermissionError as e:  # not damage: the file is fine
         raise SystemExit(f"checkpoint {path} cannot be read: {e.strerror} (errno {e.errno})") from None
-    except MemoryError:
-        raise
     except Exception as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found and isinstance(e, pickle.UnpicklingError):
@@ -197,8 +193,7 @@ def finish_epoch(args, state, source, log_writer, replay=False):
     writer thread, or at a restart with replay: files older than `source` are redone. The scalars and log line are
     written unless log.txt has the epoch (a kill right before the line can log scalars twice; a run continued past a
     damaged checkpoint may train a logged epoch again)."""
-    record = state["log_record"]
-    epoch = record["epoch"]
+    record, epoch = state["log_record"], state["log_record"]["epoch"]
     names = ["checkpoint-best.pth"] if state.get("best_epoch") == epoch else []
     if (epoch + 1) % args.save_freq == 0 or epoch + 1 == args.epochs:
         names.append(f"checkpoint-{epoch}.pth")
@@ -207,9 +202,8 @@ def finish_epoch(args, state, source, log_writer, replay=False):
             write_atomically(path, (source, lambda f: torch.save(state, f)))
     log_path = os.path.join(args.output_dir, "log.txt")
     lines = []
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            lines = f.read().splitlines()
+    with contextlib.suppress(FileNotFoundError), open(log_path) as f:
+        lines = f.read().splitlines()
     if epoch not in [json.loads(line).get("epoch") for line in lines]:
         # SummaryWriter takes scalars from any thread (a locked queue); the training thread's step scalars go on.
         if log_writer is not None:  # MAE's tags for the evaluation (perf/test_acc1, ...)
@@ -222,10 +216,14 @@ def finish_epoch(args, state, source, log_writer, replay=False):
 
 def replay_killed_epoch(args, path, ckpt, log_writer):
     """At a restart from the run's own checkpoint `path`: complete its epoch's outputs, which a kill may have cut."""
-    own = path and os.path.realpath(path) in {os.path.realpath(os.path.join(args.output_dir, name))
-                                              for name in (LAST, PREVIOUS)}
-    if own and ckpt.get("log_record") and is_main_process():
+    if own_checkpoint(path, args.output_dir) and ckpt.get("log_record") and is_main_process():
         finish_epoch(args, ckpt, path, log_writer, replay=True)
+
+
+def own_checkpoint(path, output_dir):
+    """Whether `path` is the run folder's checkpoint-last.pth or checkpoint-previous.pth (not a --resume file)."""
+    names = {os.path.realpath(os.path.join(output_dir, name)) for name in (LAST, PREVIOUS)} if output_dir else ()
+    return bool(path) and os.path.realpath(path) in names
 
 
 def read_run_checkpoint(path, output_dir):
@@ -239,9 +237,7 @@ def read_run_checkpoint(path, output_dir):
     damage = next((d for d in all_gather_object(damage) if d is not None), None)  # the ranks decide together
     if damage is None:
         return ckpt
-    own = output_dir is not None and os.path.realpath(path) in {
-        os.path.realpath(os.path.join(output_dir, name)) for name in (LAST, PREVIOUS)}
-    if not own:
+    if not own_checkpoint(path, output_dir):
         raise UnreadableCheckpoint(damage)  # a --resume file: the user's to fix
     others = [p for p in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")) if not os.path.samefile(p, path)]
     for other in sorted(others, key=os.path.getmtime, reverse=True):
@@ -286,8 +282,7 @@ def load_training_state(path, args, model, optimizer, scaler, teacher=None):
     optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    rng = ckpt.get("rng")
-    rng = [rng] if isinstance(rng, dict) else rng  # one process's state, as single-rank checkpoints held it
+    rng = [ckpt["rng"]] if isinstance(ckpt.get("rng"), dict) else ckpt.get("rng")  # a dict: one process's state
     if rng and len(rng) == args.world_size:
         set_rng_state(rng[args.rank])  # each rank continues its own random streams
     else:  # saved by another number of ranks: fresh streams, still one per rank

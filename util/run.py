@@ -77,8 +77,7 @@ def check_run_args(args):
 
 
 def start_run(args):
-    """Check the run flags, join the launcher's process group, set the workers and return this process's
-    torch.device."""
+    """Check the run flags, join the launcher's process group, set the workers; returns this process's device."""
     check_run_args(args)
     init_distributed(args)
     set_num_workers(args)
