@@ -11,7 +11,7 @@ import models_vit
 from util.augment import eval_transform, normalize
 from util.checkpoint import (last_checkpoint, load_checkpoint, load_training_state, normalize_pretrained,
                              replay_killed_epoch, saved_args, save_epoch)
-from util.datasets import ResumableDistributedSampler, build_labelled, check_images, check_unreadable, rank_shard
+from util.datasets import ResumableDistributedSampler, check_images, check_unreadable, labelled_splits, rank_shard
 from util.dist import all_reduce_sum, autocast, wrap_ddp
 from util.logging import MetricLogger, create_tb_writer
 from util.lr_sched import adjust_learning_rate
@@ -78,16 +78,13 @@ def build_loaders(args, train_transform, device):
     steps_per_epoch. Training: shuffled over ranks, resumable mid-epoch; val: the whole set on every rank, or this
     rank's shard with --dist_eval."""
     try:
-        columns = dict(image_column=args.image_column, label_column=args.label_column)
-        val = build_labelled(args.data_path, "val", eval_transform(args.input_size), **columns)
-        train = None if args.eval else build_labelled(args.data_path, "train", train_transform, **columns)
+        transforms = {"val": eval_transform(args.input_size), **({} if args.eval else {"train": train_transform})}
+        sets, classes = labelled_splits(args.data_path, transforms, args.image_column, args.label_column)
+        val, train = sets["val"], sets.get("train")
         if train is not None:
             check_images(train.images)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--data_path: {e}")
-    if train is not None and train.classes != val.classes:
-        raise SystemExit(f"--data_path: {args.data_path}'s train and val splits have different classes")
-    classes = max(val.num_classes, train.num_classes if train is not None else 0)
     if args.nb_classes not in (None, classes):
         raise SystemExit(f"--nb_classes {args.nb_classes}, but {args.data_path}/val has {classes} classes")
     args.nb_classes = classes

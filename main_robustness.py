@@ -20,7 +20,7 @@ from util.dist import destroy_distributed, is_main_process
 from util.robustness import (ALEXNET_ERROR, ALEXNET_ERROR_EXTRA, CORRUPTIONS, EXTRA_CORRUPTIONS, IMAGENET_A_WNIDS,
                              IMAGENET_R_WNIDS, IMAGENET_WNIDS, SEVERITIES)
 from util.run import add_run_args, start_run
-from util.sources import open_folder
+from util.sources import FolderImages, open_folder
 
 # Each set's class folders (the released layout) and the logits that compete: None = all 1000.
 SETS = {
@@ -95,7 +95,13 @@ def check_classes(name, folder):
 
 def dataset(name, folder, transform):
     """The images of `folder` with labels that index the set's competing classes."""
-    images = open_folder(folder, labelled=True)  # listed once and cached (util.sources)
+    try:
+        images = open_folder(folder, labelled=True)  # listed once and cached (util.sources)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{name}: {e}") from None
+    if not isinstance(images, FolderImages) or images.targets is None:
+        raise SystemExit(f"{name} at {folder}: expected the release's class folders of images only (found archives, "
+                         f"or images outside the class folders)")
     position = {c: i for i, c in enumerate(SETS[name][0])}
     images.targets = np.array([position[c] for c in images.classes])[images.targets]
     return LabelledImages(images, transform)

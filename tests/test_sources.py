@@ -4,6 +4,7 @@ bitwise and 2 ranks equal 1."""
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -181,18 +182,69 @@ def test_a_changed_shard_makes_its_index_stale_and_rebuilt(layouts, tmp_path, ca
     assert "is stale (shard-000000.tar changed since it was built)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cut", ["mid_member", "member_boundary"])
-def test_a_truncated_shard_stops_in_one_line_naming_it(layouts, tmp_path, cut):
+@pytest.mark.parametrize("damage", ["cut_mid_member", "cut_at_member_boundary", "damaged_header", "appended_archive"])
+def test_a_truncated_or_damaged_shard_stops_in_one_line_naming_it(layouts, tmp_path, damage):
     shutil.copytree(layouts / "wds", tmp_path / "wds")
     shard = tmp_path / "wds" / "train" / "shard-000001.tar"
     with tarfile.open(shard) as tar:
-        last = tar.getmembers()[-1]
-    data = shard.read_bytes()
-    shard.write_bytes(data[:last.offset_data + last.size // 2] if cut == "mid_member" else
-                      data[:last.offset_data + -(-last.size // 512) * 512])
+        members = tar.getmembers()
+    data, last, second = shard.read_bytes(), members[-1], members[2]
+    shard.write_bytes({
+        "cut_mid_member": data[:last.offset_data + last.size // 2],
+        "cut_at_member_boundary": data[:last.offset_data + -(-last.size // 512) * 512],
+        "damaged_header": data[:second.offset] + b"garbage!" * 64 + data[second.offset + 512:],  # tarfile stops here
+        "appended_archive": data + (tmp_path / "wds" / "train" / "shard-000002.tar").read_bytes(),  # cat a.tar b.tar
+    }[damage])
     with pytest.raises(SystemExit) as stop:
         open_images(str(tmp_path / "wds"))
-    assert str(stop.value).startswith(f"{shard} is truncated or not a tar file") and "\n" not in str(stop.value)
+    assert str(stop.value).startswith(f"{shard} is truncated or damaged") and "\n" not in str(stop.value)
+
+
+def test_shard_labels_come_from_cls_members_or_the_names_of_class_tars_only(layouts, tmp_path):
+    for name in ("imagenet1k-validation-00.tar", "imagenet1k-validation-01.tar"):  # split-named, without .cls
+        with tarfile.open(tmp_path / name, "w") as tar:
+            tar.add(layouts / "folder" / "val" / "cat" / "cat_0.jpg", arcname=f"{name[-6:-4]}.jpg")
+    assert open_images(str(tmp_path), "val", labelled=False).targets is None
+    with pytest.raises(ValueError, match="not every image has a label"):
+        build_labelled(str(tmp_path), "val", lambda img: img)
+    (tmp_path / "single").mkdir()
+    shutil.copy(tmp_path / "imagenet1k-validation-00.tar", tmp_path / "single" / "ILSVRC2012_img_val.tar")
+    assert open_images(str(tmp_path / "single"), labelled=False).targets is None  # one tar: not a class
+    bad = tmp_path / "bad" / "train" / "shard.tar"
+    bad.parent.mkdir(parents=True)
+    with tarfile.open(bad, "w") as tar:
+        tar.add(layouts / "folder" / "val" / "cat" / "cat_0.jpg", arcname="0.jpg")
+        info = tarfile.TarInfo("0.cls")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"cat"))
+    with pytest.raises(SystemExit, match=re.escape(f"{bad}: 0.cls holds 'cat', not an integer label")):
+        open_images(str(tmp_path / "bad"))
+
+
+def test_class_tars_number_and_order_classes_as_the_extracted_folder_does(tmp_path):
+    for c in ("a-b", "a", "b"):  # "a-b.tar" sorts before "a.tar", "a-b/x" before "a/x": class names decide
+        os.makedirs(tmp_path / "folder" / "train" / c)
+        for i in range(2):
+            Image.fromarray(np.full((4, 4, 3), 10 * i + len(c), np.uint8)).save(tmp_path / "folder" / "train" / c /
+                                                                                f"{i}.png")
+    class_tars(tmp_path / "folder" / "train", tmp_path / "tars" / "train")
+    folder, tars = open_images(str(tmp_path / "folder")), open_images(str(tmp_path / "tars"))
+    assert folder.classes == tars.classes == ["a", "a-b", "b"]
+    assert folder.targets.tolist() == tars.targets.tolist() == [0, 0, 1, 1, 2, 2]
+    assert all(np.array_equal(pixels(folder, i), pixels(tars, i)) for i in range(6))
+
+
+def test_a_folder_of_both_images_and_archives_is_refused(layouts, tmp_path):
+    shutil.copytree(layouts / "folder", tmp_path / "data")
+    shutil.copy(layouts / "wds" / "train" / "shard-000000.tar", tmp_path / "data" / "train")
+    with pytest.raises(ValueError, match="holds both .tar or .parquet files and image files or folders"):
+        open_images(str(tmp_path / "data"))
+
+
+def test_file_names_that_are_not_utf_8_round_trip():
+    names = ["caf\udce9.jpg", "plain.png", ""]
+    strings = sources.Strings(names)
+    assert [strings[i] for i in range(3)] == names
 
 
 def test_a_shard_truncated_after_indexing_is_a_stale_index_then_one_line(layouts, tmp_path, capsys):
@@ -202,7 +254,7 @@ def test_a_shard_truncated_after_indexing_is_a_stale_index_then_one_line(layouts
     shard.write_bytes(shard.read_bytes()[:600])  # into the image's bytes
     with pytest.raises(OSError, match="the shard is truncated"):  # an open dataset: its reads see the cut
         read_image(images, 20)
-    with pytest.raises(SystemExit, match=f"{shard} is truncated or not a tar file"):  # a restart
+    with pytest.raises(SystemExit, match=f"{shard} is truncated or damaged"):  # a restart
         open_images(str(tmp_path / "wds"))
     assert "shard-000005.tar changed since it was built" in capsys.readouterr().out
 
@@ -289,6 +341,10 @@ def _rank0_first_worker(rank, port, out_dir):
         dist_util.run_on_rank0_first(lambda: (_ for _ in ()).throw(ValueError("rank 0 could not build it")))
     except ValueError as e:
         result += f"; {e}"
+    try:
+        dist_util.run_on_rank0_first(lambda: b"\xff".decode())
+    except (UnicodeDecodeError, SystemExit) as e:
+        result += f"; {type(e).__name__}"
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(result)
     torch.distributed.destroy_process_group()
@@ -297,7 +353,8 @@ def _rank0_first_worker(rank, port, out_dir):
 def test_rank_0_builds_first_while_the_others_wait_longer_than_the_dist_timeout(tmp_path):
     mp.spawn(_rank0_first_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [
-        "built by 0; rank 0 could not build it", "built by 1; rank 0 could not build it"]
+        "built by 0; rank 0 could not build it; UnicodeDecodeError",  # rank 0's own exception
+        "built by 1; rank 0 could not build it; SystemExit"]  # its message, where the type takes more
 
 
 # ---------------------------------------------------------------- training on shards
@@ -405,6 +462,7 @@ def test_a_datasets_image_and_label_columns_are_found_or_named(layouts, tmp_path
         open_images(str(tmp_path), "val")
     with pytest.raises(ValueError, match="not every image has a label"):
         build_labelled(str(tmp_path), "val", lambda img: img, image_column="photo")
+    assert open_images(str(tmp_path), "val", labelled=False, image_column="photo").targets is None
     images = open_images(str(tmp_path), "val", image_column="photo", label_column="target")
     assert images.targets.tolist() == folder.targets.tolist()
     assert np.array_equal(pixels(images, 4), pixels(folder, 4))

@@ -175,6 +175,17 @@ def build_labelled(root, split, transform, image_column=None, label_column=None)
     return LabelledImages(images, transform)
 
 
+def labelled_splits(root, transforms, image_column=None, label_column=None):
+    """({split: LabelledImages} for each split of `transforms` ({split: transform}), their number of classes). A
+    ValueError unless the splits have the same class names where both have names (numbered labels have none)."""
+    sets = {split: build_labelled(root, split, transform, image_column, label_column)
+            for split, transform in transforms.items()}
+    named = [s.classes for s in sets.values() if s.classes is not None]
+    if any(names != named[0] for names in named):
+        raise ValueError(f"{root}'s {' and '.join(sets)} splits have different classes")
+    return sets, max(s.num_classes for s in sets.values())
+
+
 def rank_shard(dataset, rank, world_size):
     """Items rank, rank + world_size, ... of `dataset`: none padded or repeated (unlike DistributedSampler), so
     counts summed over ranks equal a single-process pass (evaluation)."""

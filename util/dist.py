@@ -193,7 +193,8 @@ _patient_group = None
 def run_on_rank0_first(fn):
     """fn() on rank 0, then on the other ranks, which wait for it however long it takes (a gloo group without
     --dist_timeout's limit): rank 0 builds what the others then read, such as a cached data index. An error of rank
-    0's (SystemExit, OSError, ValueError) is raised on every rank."""
+    0's is raised on every rank: there as it was, on the others as the same type with its message where it takes one,
+    else as a SystemExit with the message."""
     global _patient_group
     if get_world_size() == 1:
         return fn()
@@ -203,13 +204,19 @@ def run_on_rank0_first(fn):
     if get_rank() == 0:
         try:
             result = fn()
-        except (SystemExit, OSError, ValueError) as e:
-            error = (type(e), str(e) if not isinstance(e, SystemExit) else e.code)
-    box = [error]
+        except (Exception, SystemExit) as e:
+            error = e
+    box = [None if error is None else (type(error), str(error.code if isinstance(error, SystemExit) else error))]
     dist.broadcast_object_list(box, src=0, group=_patient_group)
+    if error is not None:
+        raise error
     if box[0] is not None:
         kind, message = box[0]
-        raise kind(message)
+        try:
+            error = kind(message)
+        except Exception:  # a type that needs more than a message (UnicodeDecodeError, ...)
+            error = SystemExit(f"{kind.__name__}: {message}")
+        raise error
     return result if get_rank() == 0 else fn()
 
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from util.augment import eval_transform, normalize
-from util.datasets import build_labelled, rank_shard
+from util.datasets import labelled_splits, rank_shard
 from util.dist import all_reduce_sum, autocast, get_rank, get_world_size
 
 
@@ -73,13 +73,11 @@ class KNNEvaluator:
                  columns=None):
         transform = eval_transform(input_size)
         try:
-            self.train_set = build_labelled(data_path, "train", transform, **(columns or {}))
-            self.val_set = build_labelled(data_path, "val", transform, **(columns or {}))
+            sets, self.num_classes = labelled_splits(data_path, {"train": transform, "val": transform},
+                                                     **(columns or {}))
         except (OSError, ValueError) as e:
             raise ValueError(f"k-NN evaluation needs labelled train and val splits of {data_path}: {e}") from None
-        if self.train_set.classes != self.val_set.classes:
-            raise ValueError(f"{data_path}'s train and val splits have different classes")
-        self.num_classes = max(self.train_set.num_classes, self.val_set.num_classes)
+        self.train_set, self.val_set = sets["train"], sets["val"]
         self.k, self.temperature, self.pool = k, temperature, pool
         self.loaders = [torch.utils.data.DataLoader(rank_shard(ds, get_rank(), get_world_size()),
                                                     batch_size=batch_size, num_workers=num_workers)

@@ -1,8 +1,8 @@
 """Where the images are: an image folder, tar shards or a Hugging Face dataset, each read by sample index (map-style),
 so the resumable sampler, the per-sample augmentation seeds and the replacement of unreadable images work alike
 for all of them (docs/data.md). The sample order is the folder's sorted class folders and file names, the shards'
-sorted file names and then their stored order, a dataset's stored order: the same images in any layout give the
-same samples, labels and batches.
+sorted names (without .tar) and then their stored order, a dataset's stored order: the same images in the same order
+give the same samples, labels and batches in any layout.
 
 Listing a folder and indexing shards are done by one process per job and cached (LUT_DATA_CACHE, by default
 ~/.cache/lut-data), never inside the data folder: a later start or requeue only checks the cache against the files'
@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import socket
 import tarfile
 import time
 
@@ -42,7 +43,7 @@ class Strings:
 
     def __init__(self, items=(), blob=None, ends=None):
         if blob is None:
-            encoded = [s.encode() for s in items]
+            encoded = [s.encode("utf-8", "surrogateescape") for s in items]  # any file name os.scandir gives
             blob = np.frombuffer(b"".join(encoded), dtype=np.uint8)
             ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)
         self.blob, self.ends = blob, ends
@@ -52,7 +53,7 @@ class Strings:
 
     def __getitem__(self, i):
         start = self.ends[i - 1] if i else 0
-        return self.blob[start:self.ends[i]].tobytes().decode()
+        return self.blob[start:self.ends[i]].tobytes().decode("utf-8", "surrogateescape")
 
 
 class Images:
@@ -133,7 +134,7 @@ class TarImages(Images):
 class HFImages(Images):
     """A Hugging Face dataset's image column, decoded by load_image (not by `datasets`), and its label column."""
 
-    def __init__(self, ds, source, image_column=None, label_column=None):
+    def __init__(self, ds, source, labelled=True, image_column=None, label_column=None):
         import datasets
         features = ds.features
         found = [c for c, f in features.items() if isinstance(f, datasets.Image)]
@@ -147,11 +148,13 @@ class HFImages(Images):
                                 "label" if "label" in features else None)
         elif label_column not in features:
             raise ValueError(f"{source} has no column {label_column!r} (its columns: {', '.join(features)})")
-        if label_column is not None:
-            self.targets = np.asarray(ds.with_format("numpy")[label_column], dtype=np.int64)
+        if labelled and label_column is not None:  # from Arrow at once, not row by row
+            self.targets = ds.select_columns([label_column]).data.column(0).to_numpy().astype(np.int64)
             names = getattr(features[label_column], "names", None)
             self.classes = list(names) if names else None
         self.source, self.column = source, image_column
+        if not isinstance(features[image_column], datasets.Image):
+            raise ValueError(f"{source}: column {image_column!r} holds {features[image_column]}, not images")
         self.ds = ds.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
 
     def __len__(self):
@@ -185,7 +188,7 @@ def open_images(root, split="train", labelled=True, image_column=None, label_col
     columns = dict(image_column=image_column, label_column=label_column)
     splits = [split, "validation"] if split == "val" else [split]
     if root.startswith("hf:"):
-        return hf_cached(root[3:], splits, **columns)
+        return hf_cached(root[3:], splits, labelled, **columns)
     if not os.path.exists(root):
         raise FileNotFoundError(f"data path {root} does not exist")
     if not os.path.isdir(root):
@@ -197,9 +200,9 @@ def open_images(root, split="train", labelled=True, image_column=None, label_col
         files = split_files(folder, splits)
         if any(name.endswith(".parquet") for name in files):
             return hf_parquet([os.path.join(folder, n) for n in files if n.endswith(".parquet")],
-                              f"{folder} ({split} parquet files)", **columns)
+                              f"{folder} ({split} parquet files)", labelled, **columns)
         if files:
-            return open_shards(folder, files, split)
+            return open_shards(folder, files, split, names_are_classes=False)
     if split != "train" or labelled:
         raise FileNotFoundError(f"{root}/{split} does not exist, nor has {root} {split} .tar or .parquet files; "
                                 f"accepted layouts: " + "; ".join(LAYOUTS))
@@ -210,18 +213,28 @@ def split_files(folder, splits):
     """Sorted .tar and .parquet files of `folder` with a split's name as a word of theirs (split by - _ .)."""
     if not os.path.isdir(folder):
         return []
-    return sorted(e.name for e in os.scandir(folder) if e.name.endswith((".tar", ".parquet"))
-                  and not e.name.startswith(".") and set(splits) & set(re.split(r"[-_.]", e.name)))
+    return sorted((e.name for e in os.scandir(folder) if e.name.endswith((".tar", ".parquet"))
+                   and not e.name.startswith(".") and set(splits) & set(re.split(r"[-_.]", e.name))), key=stem)
+
+
+def stem(name):
+    return os.path.splitext(name)[0]
 
 
 def open_folder(folder, labelled, **columns):
+    """A folder's Images: a save_to_disk dataset, its parquet files, its tar shards, or its image files."""
     if os.path.isfile(os.path.join(folder, "state.json")):
-        return hf_saved(folder, **columns)
+        return hf_saved(folder, labelled, **columns)
     entries = [e for e in os.scandir(folder) if not e.name.startswith(".")]
-    if any(e.name.endswith(".parquet") for e in entries):
-        return hf_parquet(sorted(e.path for e in entries if e.name.endswith(".parquet")), folder, **columns)
-    if any(e.name.endswith(".tar") and e.is_file() for e in entries):
-        return open_shards(folder, sorted(e.name for e in entries if e.name.endswith(".tar")), "all")
+    archives = sorted((e.name for e in entries if e.name.endswith((".parquet", ".tar")) and e.is_file()), key=stem)
+    if archives and any(e.is_dir() or is_image_file(e.name) for e in entries):
+        raise ValueError(f"{folder} holds both .tar or .parquet files and image files or folders: move one kind "
+                         f"away (accepted layouts: " + "; ".join(LAYOUTS) + ")")
+    if any(name.endswith(".parquet") for name in archives):
+        return hf_parquet([os.path.join(folder, n) for n in archives if n.endswith(".parquet")], folder, labelled,
+                          **columns)
+    if archives:  # ImageNet's <class>.tar when no shard holds .cls labels
+        return open_shards(folder, archives, "all", names_are_classes=len(archives) > 1)
     index = cached_index(folder, "folder", folder_signature(folder), list_folder)
     images = FolderImages(Strings(blob=index["paths"], ends=index["path_ends"]), index["targets"], index["classes"],
                           root=folder)
@@ -230,9 +243,10 @@ def open_folder(folder, labelled, **columns):
     return images
 
 
-def open_shards(folder, names, tag):
+def open_shards(folder, names, tag, names_are_classes):
     signature = [[n, *(lambda st: (st.st_size, st.st_mtime_ns))(os.stat(os.path.join(folder, n)))] for n in names]
-    return TarImages(folder, cached_index(folder, f"shards-{tag}", signature, index_shards))
+    build = lambda folder, signature: index_shards(folder, signature, names_are_classes)  # noqa: E731
+    return TarImages(folder, cached_index(folder, f"shards-{tag}", signature, build))
 
 
 def no_images(folder):
@@ -264,7 +278,7 @@ def cached_index(folder, kind, signature, build):
         try:
             with np.load(path, allow_pickle=False) as f:
                 index = dict(f)
-        except (OSError, ValueError, KeyError, EOFError):
+        except Exception:  # missing, or damaged: built again
             return None
         if str(index.pop("key")) == key:
             return index
@@ -294,7 +308,7 @@ def stale_entry(index, signature):
 
 def write_index(path, index, key):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    tmp = f"{path}.{socket.gethostname()}-{os.getpid()}.tmp.npz"
     try:
         np.savez(tmp, key=key, **index)
         os.replace(tmp, path)
@@ -318,15 +332,15 @@ class Progress:
 
 
 def list_folder(folder, signature):
-    """Sorted image paths relative to `folder`, those directly in it and those in its sub-folders (the classes,
-    labelled by their rank among the sorted folder names; -1 for the folder's own images); hidden files and folders
+    """Image paths relative to `folder`: those directly in it (label -1), then those of each sub-folder (a class,
+    labelled by its rank among the sorted folder names), each sorted by file name; hidden files and folders
     skipped."""
     classes, found, progress = [d for d, _ in signature[1:]], [], Progress(folder, len(signature), "folders")
     for label, (c, _) in enumerate(signature):
         found += [(os.path.join(c, e.name) if c != "." else e.name, label - 1)
                   for e in os.scandir(os.path.join(folder, c)) if e.is_file() and is_image_file(e.name)]
         progress(label + 1, len(found))
-    found.sort()
+    found.sort(key=lambda item: (item[1], item[0]))
     if not found:
         raise no_images(folder)
     paths, targets = [p for p, _ in found], np.array([t for _, t in found], dtype=np.int64)
@@ -335,9 +349,9 @@ def list_folder(folder, signature):
                 signature=json.dumps(signature))
 
 
-def index_shards(folder, signature):
+def index_shards(folder, signature, names_are_classes):
     """Each shard's image members in stored order: their offsets and sizes, labels from <key>.cls members, or where
-    no shard has any, the index of the shard's name among the sorted names (ImageNet's <class>.tar)."""
+    no shard has any and names_are_classes, the rank of the shard's name (ImageNet's <class>.tar); else none."""
     shard, offset, size, members, keys = [], [], [], [], []
     cls, progress = {}, Progress(folder, len(signature), "shards")
     for s, (name, *_) in enumerate(signature):
@@ -351,27 +365,40 @@ def index_shards(folder, signature):
                         continue
                     key = os.path.join(os.path.dirname(member.name), base.split(".", 1)[0])
                     if base.lower().endswith(".cls"):
-                        cls[s, key] = int(tar.extractfile(member).read().decode().strip())
+                        text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
+                        if not re.fullmatch(r"-?\d+", text):
+                            raise SystemExit(f"{path}: {member.name} holds {text[:20]!r}, not an integer label")
+                        cls[s, key] = int(text)
                     elif is_image_file(base) and (not keys or keys[-1] != (s, key)):
                         shard.append(s), offset.append(member.offset_data), size.append(member.size)
                         members.append(member.name), keys.append((s, key))
                 end = tar.offset
-            if os.path.getsize(path) < end + 2 * tarfile.BLOCKSIZE:  # a tar ends with two zero blocks
-                raise tarfile.ReadError("unexpected end of data")
-        except (tarfile.TarError, ValueError, UnicodeDecodeError) as e:
-            raise SystemExit(f"{path} is truncated or not a tar file ({e}): re-copy it or move it away") from None
+                check_end(f, end)
+        except (tarfile.TarError, ValueError) as e:
+            raise SystemExit(f"{path} is truncated or damaged ({e}): re-copy it or move it away") from None
     if not shard:
         raise no_images(folder)
-    if cls:
-        targets = np.array([cls.get(k, -1) for k in keys], dtype=np.int64)
-        classes = np.array([], dtype=str)
-    else:
-        targets = np.array(shard, dtype=np.int64)
-        classes = np.array([os.path.splitext(name)[0] for name, *_ in signature], dtype=str)
+    classes = np.array([stem(name) for name, *_ in signature] if names_are_classes and not cls else [], dtype=str)
+    targets = np.array([cls.get(k, -1) for k in keys] if cls else shard if len(classes) else [-1] * len(shard),
+                       dtype=np.int64)
     strings = Strings(members)
     return dict(shards=np.array([name for name, *_ in signature], dtype=str), shard=np.array(shard, dtype=np.int32),
                 offset=np.array(offset, dtype=np.int64), size=np.array(size, dtype=np.int64), members=strings.blob,
                 member_ends=strings.ends, targets=targets, classes=classes, signature=json.dumps(signature))
+
+
+def check_end(f, end):
+    """What follows a tar's last member at `end` must be zeros (two zero blocks, then padding): tarfile takes a
+    damaged header, or a second archive appended with cat, for the end of the archive."""
+    f.seek(end)
+    zeros = 0
+    while chunk := f.read(1 << 20):
+        if chunk.strip(b"\0"):
+            raise tarfile.ReadError(f"data past the end of the archive at byte {end}: a damaged header or a second "
+                                    f"archive")
+        zeros += len(chunk)
+    if zeros < 2 * tarfile.BLOCKSIZE:
+        raise tarfile.ReadError("unexpected end of data")
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
@@ -390,33 +417,33 @@ def import_datasets():
     return datasets
 
 
-def hf_saved(folder, **columns):
+def hf_saved(folder, labelled, **columns):
     datasets = import_datasets()
-    return HFImages(datasets.load_from_disk(folder), folder, **columns)
+    return HFImages(datasets.load_from_disk(folder), folder, labelled, **columns)
 
 
-def hf_parquet(files, source, **columns):
+def hf_parquet(files, source, labelled, **columns):
     """Parquet files, converted once to Arrow in the Hugging Face cache (HF_DATASETS_CACHE) by rank 0 while the
     others wait: reading one image from parquet decodes its whole row group (docs/data.md)."""
     datasets = import_datasets()
     ds = run_on_rank0_first(lambda: datasets.load_dataset("parquet", data_files={"train": files}, split="train"))
-    return HFImages(ds, source, **columns)
+    return HFImages(ds, source, labelled, **columns)
 
 
-def hf_cached(name, splits, **columns):
+def hf_cached(name, splits, labelled, **columns):
     """hf:<name>: the Arrow data that datasets.load_dataset(name) prepared, else the parquet files of the snapshot
     that huggingface_hub downloaded (huggingface-cli download --repo-type dataset <name>)."""
     datasets = import_datasets()
     for split in splits:
         try:
             ds = run_on_rank0_first(lambda: datasets.load_dataset(name, split=split))
-            return HFImages(ds, f"hf:{name}[{split}]", **columns)
-        except (ConnectionError, FileNotFoundError, ValueError):
+        except (ConnectionError, FileNotFoundError, ValueError):  # not prepared, or no such split
             continue
+        return HFImages(ds, f"hf:{name}[{split}]", labelled, **columns)
     from huggingface_hub import snapshot_download
     try:
         root = snapshot_download(name, repo_type="dataset", local_files_only=True)
     except Exception:  # huggingface_hub's LocalEntryNotFoundError and kin
         raise FileNotFoundError(f"hf:{name}: no split {' or '.join(splits)} of this dataset in the local Hugging Face "
                                 f"cache; download it first, or pass its folder") from None
-    return open_images(root, splits[0], True, **columns)
+    return open_images(root, splits[0], labelled, **columns)
