@@ -367,7 +367,7 @@ def packed(images, root, shard_size):
     """`images` packed into shards of shard_size under root/wds, the copy they were packed from removed."""
     shutil.copytree(images, root / "images")
     subprocess.run([sys.executable, PACK, "--data_path", root / "images", "--out", root / "wds", "--shard_size",
-                    shard_size], check=True, capture_output=True)
+                    str(shard_size)], check=True, capture_output=True)
     shutil.rmtree(root / "images")
     return root / "wds"
 
