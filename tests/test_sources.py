@@ -23,6 +23,7 @@ import util.sources as sources
 from runs import MICRO_PRETRAIN, ROOT, TORCHRUN, assert_same_state, assert_same_training_state, epoch_log, run
 from util.augment import LUTTwoViews
 from util.datasets import PretrainDataset, ResumableDistributedSampler, build_labelled, read_image
+from util.knn import KNNEvaluator
 from util.sources import LAYOUTS, TarImages, open_images
 
 PACK = os.path.join(ROOT, "tools", "pack_shards.py")
@@ -195,7 +196,7 @@ def test_a_truncated_or_damaged_shard_stops_in_one_line_naming_it(layouts, tmp_p
         "damaged_header": data[:second.offset] + b"garbage!" * 64 + data[second.offset + 512:],  # tarfile stops here
         "appended_archive": data + (tmp_path / "wds" / "train" / "shard-000002.tar").read_bytes(),  # cat a.tar b.tar
     }[damage])
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(ValueError) as stop:
         open_images(str(tmp_path / "wds"))
     assert str(stop.value).startswith(f"{shard} is truncated or damaged") and "\n" not in str(stop.value)
 
@@ -217,7 +218,7 @@ def test_shard_labels_come_from_cls_members_or_the_names_of_class_tars_only(layo
         info = tarfile.TarInfo("0.cls")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"cat"))
-    with pytest.raises(SystemExit, match=re.escape(f"{bad}: 0.cls holds 'cat', not an integer label")):
+    with pytest.raises(ValueError, match=re.escape(f"{bad}: 0.cls holds 'cat', not an integer label")):
         open_images(str(tmp_path / "bad"))
 
 
@@ -254,7 +255,7 @@ def test_a_shard_truncated_after_indexing_is_a_stale_index_then_one_line(layouts
     shard.write_bytes(shard.read_bytes()[:600])  # into the image's bytes
     with pytest.raises(OSError, match="the shard is truncated"):  # an open dataset: its reads see the cut
         read_image(images, 20)
-    with pytest.raises(SystemExit, match=f"{shard} is truncated or damaged"):  # a restart
+    with pytest.raises(ValueError, match=f"{shard} is truncated or damaged"):  # a restart
         open_images(str(tmp_path / "wds"))
     assert "shard-000005.tar changed since it was built" in capsys.readouterr().out
 
@@ -466,3 +467,24 @@ def test_a_datasets_image_and_label_columns_are_found_or_named(layouts, tmp_path
     images = open_images(str(tmp_path), "val", image_column="photo", label_column="target")
     assert images.targets.tolist() == folder.targets.tolist()
     assert np.array_equal(pixels(images, 4), pixels(folder, 4))
+
+
+def test_packing_into_a_folder_that_holds_shards_is_refused(layouts, tmp_path):
+    shutil.copytree(layouts / "wds", tmp_path / "wds")
+    proc = subprocess.run([sys.executable, PACK, "--data_path", layouts / "folder", "--out", tmp_path / "wds"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"{tmp_path / 'wds' / 'train'} is not empty: shards left there would be read with the new ones; remove it "
+        f"or choose another --out")
+
+
+def test_splits_that_cannot_be_compared_or_found_are_named(layouts, tmp_path):
+    import datasets
+    datasets.load_from_disk(str(layouts / "saved" / "train")).save_to_disk(tmp_path / "single")
+    with pytest.raises(ValueError, match="is one Hugging Face dataset without splits: save a DatasetDict"):
+        open_images(str(tmp_path / "single"), "val")
+    assert len(open_images(str(tmp_path / "single"), labelled=False)) == 21  # pre-training takes it whole
+    shutil.copytree(layouts / "folder", tmp_path / "renamed")
+    os.rename(tmp_path / "renamed" / "val" / "cat", tmp_path / "renamed" / "val" / "lynx")
+    with pytest.raises(ValueError, match=r"train and val splits have different classes \(cat, lynx\.\.\.\)"):
+        KNNEvaluator(str(tmp_path / "renamed"), input_size=16)

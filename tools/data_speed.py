@@ -120,6 +120,7 @@ def main(args):
                         lambda images, _: args.num_reads))
     for size in args.shard_sizes:
         out = os.path.join(work, f"wds_{size}")
+        shutil.rmtree(out, ignore_errors=True)
         run(os.path.join(ROOT, "tools", "pack_shards.py"), "--data_path", folder, "--out", out, "--splits", "train",
             "--shard_size", str(size))
         shards = len(os.listdir(os.path.join(out, "train")))
@@ -152,6 +153,8 @@ def datasets_of(folder, work):
                 yield {"image": {"bytes": f.read(), "path": None},
                        "label": -1 if images.targets is None else int(images.targets[i])}
     ds = datasets.Dataset.from_generator(rows, features=features, cache_dir=os.path.join(work, "hf_build"))
+    for name in ("saved", "parquet"):
+        shutil.rmtree(os.path.join(work, name), ignore_errors=True)
     ds.save_to_disk(os.path.join(work, "saved"))
     os.makedirs(os.path.join(work, "parquet"))
     path = os.path.join(work, "parquet", "train-00000-of-00001.parquet")

@@ -53,6 +53,9 @@ def add(tar, name, data):
 
 
 def pack(images, folder, shard_size):
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise SystemExit(f"{folder} is not empty: shards left there would be read with the new ones; remove it or "
+                         f"choose another --out")
     os.makedirs(folder, exist_ok=True)
     start, shards = time.time(), -(-len(images) // shard_size)
     for s in range(shards):

@@ -170,8 +170,8 @@ def build_labelled(root, split, transform, image_column=None, label_column=None)
     """The labelled `split` of data path `root` (util.sources.open_images) for fine-tuning, linear probing, k-NN."""
     images = open_images(root, split, labelled=True, image_column=image_column, label_column=label_column)
     if images.targets is None or (images.targets < 0).any():
-        raise ValueError(f"{root} {split}: not every image has a label (class folders, <key>.cls members or a "
-                         f"label column)")
+        raise ValueError(f"{root} {split}: not every image has a label (class folders, <key>.cls members, the "
+                         f"names of two or more <class>.tar, or a label column)")
     return LabelledImages(images, transform)
 
 
@@ -181,8 +181,10 @@ def labelled_splits(root, transforms, image_column=None, label_column=None):
     sets = {split: build_labelled(root, split, transform, image_column, label_column)
             for split, transform in transforms.items()}
     named = [s.classes for s in sets.values() if s.classes is not None]
-    if any(names != named[0] for names in named):
-        raise ValueError(f"{root}'s {' and '.join(sets)} splits have different classes")
+    for names in named[1:]:
+        if names != named[0]:
+            only = sorted(set(named[0]) ^ set(names))[:3] or ["the same names, in another order"]
+            raise ValueError(f"{root}'s {' and '.join(sets)} splits have different classes ({', '.join(only)}...)")
     return sets, max(s.num_classes for s in sets.values())
 
 

@@ -200,9 +200,12 @@ def open_images(root, split="train", labelled=True, image_column=None, label_col
         files = split_files(folder, splits)
         if any(name.endswith(".parquet") for name in files):
             return hf_parquet([os.path.join(folder, n) for n in files if n.endswith(".parquet")],
-                              f"{folder} ({split} parquet files)", labelled, **columns)
+                              f"{folder} ({split} parquet files)", labelled, split, **columns)
         if files:
             return open_shards(folder, files, split, names_are_classes=False)
+    if os.path.isfile(os.path.join(root, "state.json")) and (split != "train" or labelled):
+        raise ValueError(f"{root} is one Hugging Face dataset without splits: save a DatasetDict with train and "
+                         f"validation splits")
     if split != "train" or labelled:
         raise FileNotFoundError(f"{root}/{split} does not exist, nor has {root} {split} .tar or .parquet files; "
                                 f"accepted layouts: " + "; ".join(LAYOUTS))
@@ -232,7 +235,7 @@ def open_folder(folder, labelled, **columns):
                          f"away (accepted layouts: " + "; ".join(LAYOUTS) + ")")
     if any(name.endswith(".parquet") for name in archives):
         return hf_parquet([os.path.join(folder, n) for n in archives if n.endswith(".parquet")], folder, labelled,
-                          **columns)
+                          os.path.basename(folder), **columns)
     if archives:  # ImageNet's <class>.tar when no shard holds .cls labels
         return open_shards(folder, archives, "all", names_are_classes=len(archives) > 1)
     index = cached_index(folder, "folder", folder_signature(folder), list_folder)
@@ -367,15 +370,15 @@ def index_shards(folder, signature, names_are_classes):
                     if base.lower().endswith(".cls"):
                         text = tar.extractfile(member).read().decode("utf-8", "replace").strip()
                         if not re.fullmatch(r"-?\d+", text):
-                            raise SystemExit(f"{path}: {member.name} holds {text[:20]!r}, not an integer label")
+                            raise ValueError(f"{path}: {member.name} holds {text[:20]!r}, not an integer label")
                         cls[s, key] = int(text)
                     elif is_image_file(base) and (not keys or keys[-1] != (s, key)):
                         shard.append(s), offset.append(member.offset_data), size.append(member.size)
                         members.append(member.name), keys.append((s, key))
                 end = tar.offset
                 check_end(f, end)
-        except (tarfile.TarError, ValueError) as e:
-            raise SystemExit(f"{path} is truncated or damaged ({e}): re-copy it or move it away") from None
+        except tarfile.TarError as e:
+            raise ValueError(f"{path} is truncated or damaged ({e}): re-copy it or move it away") from None
     if not shard:
         raise no_images(folder)
     classes = np.array([stem(name) for name, *_ in signature] if names_are_classes and not cls else [], dtype=str)
@@ -422,11 +425,12 @@ def hf_saved(folder, labelled, **columns):
     return HFImages(datasets.load_from_disk(folder), folder, labelled, **columns)
 
 
-def hf_parquet(files, source, labelled, **columns):
+def hf_parquet(files, source, labelled, split, **columns):
     """Parquet files, converted once to Arrow in the Hugging Face cache (HF_DATASETS_CACHE) by rank 0 while the
     others wait: reading one image from parquet decodes its whole row group (docs/data.md)."""
     datasets = import_datasets()
-    ds = run_on_rank0_first(lambda: datasets.load_dataset("parquet", data_files={"train": files}, split="train"))
+    split = re.sub(r"\W", "_", split) or "train"  # the name its progress bars show
+    ds = run_on_rank0_first(lambda: datasets.load_dataset("parquet", data_files={split: files}, split=split))
     return HFImages(ds, source, labelled, **columns)
 
 
