@@ -8,6 +8,7 @@ it opened for that pass (an Arrow dataset maps its files once).
     python tools/data_speed.py --data_path /datasets/imagenet-subset
 """
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -55,14 +56,7 @@ def timed(fn):
 
 def read_pass(images, order, decode, repeats=3):
     """Images/s, the best of `repeats` passes."""
-    def read(i):
-        if decode:
-            return read_image(images, i)
-        source = images.open(i)
-        if isinstance(source, str):
-            with open(source, "rb") as f:
-                return f.read()
-        return source.read()
+    read = functools.partial(read_image, images) if decode else images.read
     return max(len(order) / timed(lambda: [read(i) for i in order])[1] for _ in range(repeats))
 
 

@@ -32,14 +32,7 @@ def get_args_parser():
 
 def image_bytes(images, i):
     """(bytes, extension) of sample i as stored."""
-    source = images.open(i)
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            data = f.read()
-        ext = os.path.splitext(source)[1].lower()
-    else:
-        data = source.read()
-        ext = os.path.splitext(images.name(i))[1].lower()
+    data, ext = images.read(i), os.path.splitext(images.name(i))[1].lower()
     if ext not in IMAGE_EXTENSIONS:  # a dataset's bytes carry no name: the format decides
         with Image.open(io.BytesIO(data)) as img:
             ext = "." + (img.format or "png").lower().replace("jpeg", "jpg")

@@ -101,7 +101,8 @@ def wait_for_saves():
     global _pending
     pending, _pending = _pending, None
     try:
-        pending is None or pending.result()
+        if pending is not None:
+            pending.result()
     except OSError as e:  # keeping the replaced checkpoint-last.pth failed (write_atomically's own are SystemExit)
         raise SystemExit(f"could not save a checkpoint: {e}") from None
 
@@ -246,8 +247,8 @@ def read_run_checkpoint(path, output_dir):
             print(f"WARNING: {damage}; continuing from the newest readable checkpoint of the run, {other}")
             barrier()  # every rank has read it before rank 0 replaces the damaged file
             if is_main_process():
-                kept = next(f"{path}.damaged{f'.{i}' if i else ''}" for i in itertools.count()
-                            if not os.path.exists(f"{path}.damaged{f'.{i}' if i else ''}"))
+                names = (f"{path}.damaged" + (f".{i}" if i else "") for i in itertools.count())
+                kept = next(name for name in names if not os.path.exists(name))  # earlier copies are kept
                 if not _hard_link(path, kept):
                     shutil.copyfile(path, kept)
                 write_atomically(path, (other, lambda f: torch.save(ckpt, f)))

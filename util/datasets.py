@@ -15,8 +15,8 @@ from util.sources import open_images
 
 def load_image(path, draft_size=None, name=None):
     """8-bit RGB PIL image of a path or file object; an unreadable one raises OSError naming it (`name`, default
-    path). 16-bit greyscale is scaled to 8 bits, float
-    greyscale in [0, 1] to 0..255; other float ranges are refused, as there is no telling what they mean.
+    path). 16-bit greyscale is scaled to 8 bits, float greyscale in [0, 1] to 0..255; other float ranges are
+    refused, as there is no telling what they mean.
     draft_size: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 (in the DCT domain) while both sides stay
     >= draft_size: several times faster for large photos, the pixels differing slightly from a full decode + resize."""
     try:
@@ -40,11 +40,12 @@ def load_image(path, draft_size=None, name=None):
 
 
 def read_image(images, i, draft_size=None):
-    """Sample i of util.sources.Images `images`, decoded by load_image."""
+    """Sample i of util.sources.Images `images`, decoded by load_image; OSError naming it when it cannot be read."""
     try:
-        return load_image(images.open(i), draft_size, images.name(i))
-    except OSError as e:
-        raise OSError(str(e) if str(e).startswith("cannot read") else f"cannot read image {images.name(i)}: {e}")
+        source = images.open(i)
+    except OSError as e:  # e.g. a shard truncated since it was indexed
+        raise OSError(f"cannot read image {images.name(i)}: {e}") from e
+    return load_image(source, draft_size, images.name(i))
 
 
 def check_images(images, max_files=16):

@@ -96,11 +96,16 @@ def launcher_world_size():
     return int(layout["WORLD_SIZE"]) if layout else 1
 
 
+_patient_group = None  # run_on_rank0_first's gloo group, made at its first use
+
+
 def destroy_distributed():
     """Leave the process group on every rank: exiting while in one can SIGABRT as gloo's threads are torn down."""
+    global _patient_group
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # and run_on_rank0_first's group with it
+    _patient_group = None
 
 
 def local_device(args):
@@ -185,9 +190,6 @@ def all_reduce_sum(x):
 def all_reduce_mean(x):
     """Mean over ranks, like all_reduce_sum."""
     return x if get_world_size() == 1 else all_reduce_sum(x) / get_world_size()
-
-
-_patient_group = None
 
 
 def run_on_rank0_first(fn):

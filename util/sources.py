@@ -8,6 +8,7 @@ Listing a folder and indexing shards are done by one process per job and cached 
 ~/.cache/lut-data), never inside the data folder: a later start or requeue only checks the cache against the files'
 sizes and modification times, one stat per folder or shard."""
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -69,6 +70,14 @@ class Images:
 
     def name(self, i):
         raise NotImplementedError
+
+    def read(self, i):
+        """Sample i's bytes as stored."""
+        source = self.open(i)
+        if isinstance(source, str):
+            with open(source, "rb") as f:
+                return f.read()
+        return source.read()
 
 
 class FolderImages(Images):
@@ -247,8 +256,12 @@ def open_folder(folder, labelled, **columns):
 
 
 def open_shards(folder, names, tag, names_are_classes):
-    signature = [[n, *(lambda st: (st.st_size, st.st_mtime_ns))(os.stat(os.path.join(folder, n)))] for n in names]
-    build = lambda folder, signature: index_shards(folder, signature, names_are_classes)  # noqa: E731
+    """TarImages of the shards `names` of `folder` (tag: which of its shards, in the cache's name)."""
+    signature = []
+    for name in names:  # a rewritten shard changes its size or modification time
+        st = os.stat(os.path.join(folder, name))
+        signature.append([name, st.st_size, st.st_mtime_ns])
+    build = functools.partial(index_shards, names_are_classes=names_are_classes)
     return TarImages(folder, cached_index(folder, f"shards-{tag}", signature, build))
 
 
@@ -277,7 +290,7 @@ def cached_index(folder, kind, signature, build):
     path = cache_path(folder, kind)
     key = json.dumps([INDEX_VERSION, signature])
 
-    def load(report_stale):
+    def load():
         try:
             with np.load(path, allow_pickle=False) as f:
                 index = dict(f)
@@ -285,13 +298,12 @@ def cached_index(folder, kind, signature, build):
             return None
         if str(index.pop("key")) == key:
             return index
-        if report_stale:
-            print(f"WARNING: the index {path} is stale ({stale_entry(index, signature)} changed since it was "
-                  f"built); building it again", flush=True)
+        print(f"WARNING: the index {path} is stale ({stale_entry(index, signature)} changed since it was built); "
+              f"building it again", flush=True)
         return None
 
     def load_or_build():
-        index = load(report_stale=True)
+        index = load()
         if index is None:
             start = time.time()
             index = build(folder, signature)
@@ -303,9 +315,10 @@ def cached_index(folder, kind, signature, build):
 
 
 def stale_entry(index, signature):
+    """The first folder or shard of `signature` that differs from the one the stale `index` was built from."""
     old = {str(name): rest for name, *rest in json.loads(str(index.get("signature", "[]")))}
-    changed = [name for name, *rest in signature if old.get(name) != rest] or sorted(set(old) - {s[0] for s in
-                                                                                          signature})
+    new = {name: rest for name, *rest in signature}
+    changed = [name for name in new if old.get(name) != new[name]] + sorted(set(old) - set(new))
     return changed[0] if changed else "the index format"
 
 
@@ -355,10 +368,9 @@ def list_folder(folder, signature):
 def index_shards(folder, signature, names_are_classes):
     """Each shard's image members in stored order: their offsets and sizes, labels from <key>.cls members, or where
     no shard has any and names_are_classes, the rank of the shard's name (ImageNet's <class>.tar); else none."""
-    shard, offset, size, members, keys = [], [], [], [], []
-    cls, progress = {}, Progress(folder, len(signature), "shards")
+    samples, cls, progress = [], {}, Progress(folder, len(signature), "shards")  # samples: (shard, key, member)
     for s, (name, *_) in enumerate(signature):
-        progress(s, len(shard))
+        progress(s, len(samples))
         path = os.path.join(folder, name)
         try:
             with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
@@ -372,22 +384,26 @@ def index_shards(folder, signature, names_are_classes):
                         if not re.fullmatch(r"-?\d+", text):
                             raise ValueError(f"{path}: {member.name} holds {text[:20]!r}, not an integer label")
                         cls[s, key] = int(text)
-                    elif is_image_file(base) and (not keys or keys[-1] != (s, key)):
-                        shard.append(s), offset.append(member.offset_data), size.append(member.size)
-                        members.append(member.name), keys.append((s, key))
+                    elif is_image_file(base) and not (samples and samples[-1][:2] == (s, key)):
+                        samples.append((s, key, member))  # a sample's first image member
                 end = tar.offset
                 check_end(f, end)
         except tarfile.TarError as e:
             raise ValueError(f"{path} is truncated or damaged ({e}): re-copy it or move it away") from None
-    if not shard:
+    if not samples:
         raise no_images(folder)
-    classes = np.array([stem(name) for name, *_ in signature] if names_are_classes and not cls else [], dtype=str)
-    targets = np.array([cls.get(k, -1) for k in keys] if cls else shard if len(classes) else [-1] * len(shard),
-                       dtype=np.int64)
-    strings = Strings(members)
-    return dict(shards=np.array([name for name, *_ in signature], dtype=str), shard=np.array(shard, dtype=np.int32),
-                offset=np.array(offset, dtype=np.int64), size=np.array(size, dtype=np.int64), members=strings.blob,
-                member_ends=strings.ends, targets=targets, classes=classes, signature=json.dumps(signature))
+    classes = [stem(name) for name, *_ in signature] if names_are_classes and not cls else []
+    if cls:
+        targets = [cls.get((s, key), -1) for s, key, _ in samples]
+    else:
+        targets = [s if classes else -1 for s, _, _ in samples]
+    strings = Strings(member.name for _, _, member in samples)
+    return dict(shards=np.array([name for name, *_ in signature], dtype=str),
+                shard=np.array([s for s, _, _ in samples], dtype=np.int32),
+                offset=np.array([m.offset_data for _, _, m in samples], dtype=np.int64),
+                size=np.array([m.size for _, _, m in samples], dtype=np.int64), members=strings.blob,
+                member_ends=strings.ends, targets=np.array(targets, dtype=np.int64),
+                classes=np.array(classes, dtype=str), signature=json.dumps(signature))
 
 
 def check_end(f, end):
