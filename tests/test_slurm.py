@@ -166,10 +166,10 @@ def test_preempted_job_requeues_resumes_where_it_stopped_and_equals_torchrun(sub
 
 @pytest.mark.slow
 def test_job_at_its_time_limit_checkpoints_requeues_and_completes(submit_job, flat_images, tmp_path):
-    # SLURM signals 30 s, and up to 60 s more, before the 2-minute limit, so a run trains for 20 to 80 s. 70 epochs
-    # take about 105 s of compute with nothing else running on this 2-core machine (1.5 s an epoch: 16 steps and a
-    # data-loading worker started per task), more with the other tests alongside: at least one requeue, mostly one.
-    epochs = 70
+    # SLURM signals 30 s, and up to 60 s more, before the 2-minute limit, so a run trains for 20 to 80 s. An epoch
+    # (16 steps and a data-loading worker started per task) takes 0.85 to 1.5 s on this 2-core machine, depending on
+    # the other tests alongside: 120 epochs are 100 to 180 s of compute, more than one run, so at least one requeue.
+    epochs = 120
     job = submit_job(tmp_path, "--data_path", flat_images, "--epochs", epochs, "--num_workers", 1,
                      "--signal_delay_s", 30, timeout_min=2)
     info = job.wait(timeout=900)
