@@ -348,7 +348,7 @@ def _rank0_first_worker(rank, port, out_dir):
         result += f"; {type(e).__name__}"
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as f:
         f.write(result)
-    torch.distributed.destroy_process_group()
+    dist_util.destroy_distributed()
 
 
 def test_rank_0_builds_first_while_the_others_wait_longer_than_the_dist_timeout(tmp_path):

@@ -20,7 +20,7 @@ from models_lut import LUT, MaskedAutoencoderViT
 from runs import MICRO_PRETRAIN, TORCHRUN, run
 from syncs import SyncCounter
 from util.batchnorm import SyncBatchNorm1d
-from util.dist import init_distributed
+from util.dist import destroy_distributed, init_distributed
 
 # Two epochs of 4 optimizer steps, a print interval longer than an epoch: a sync of the step would occur 8 times (16
 # with accumulation), a sync of the epoch (the loader's seed, the epoch means, the unreadable-image count) twice, one
@@ -110,7 +110,7 @@ def _compiled_sync_bn_worker(rank, port, out_dir):
                              buffers=[b.clone() for b in model.buffers()], breaks=sum(counters["graph_break"].values()),
                              graphs=counters["stats"]["unique_graphs"])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    destroy_distributed()
 
 
 def test_the_cross_rank_batchnorm_compiles_into_one_graph_equal_to_eager(tmp_path):

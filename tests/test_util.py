@@ -262,7 +262,7 @@ def _rng_worker(rank, world_size, port, out_dir):
     _draw()
     load_training_state(path, args, model, optimizer, scaler)
     torch.save({"expected": expected, "resumed": _draw()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    dist_util.destroy_distributed()
 
 
 def test_each_rank_resumes_its_own_random_streams(tmp_path):
@@ -366,7 +366,7 @@ def _sync_bn_worker(rank, world_size, port, cases, out_dir):
         results[name] = {"ys": ys, "x_grads": x_grads, "grads": [p.grad for p in model.parameters()],
                          "state": model.state_dict(), "y_eval": model(x[0, share]).detach()}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    dist_util.destroy_distributed()
 
 
 def _free_port():
@@ -427,7 +427,7 @@ def _ddp_worker(rank, world_size, port, out_dir):
             optimizer.zero_grad(set_to_none=True)
         results[name] = {"state": model.state_dict(), "grad_storages": len(storages)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    dist_util.destroy_distributed()
 
 
 def test_ddp_gradients_are_bucket_views_with_the_same_result_and_bf16_all_reduce_is_opt_in(tmp_path):
