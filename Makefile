@@ -30,13 +30,15 @@ demo: $(INSTALL)
 	@echo "Loss per epoch (from $(DEMO_OUT)/log.txt):"
 	@$(PY) -c "import json; [print(' epoch', r['epoch'], 'loss %.4f  mim %.4f  bc %.4f' % (r['train_loss'], r['train_mim'], r['train_bc'])) for r in map(json.loads, open('$(DEMO_OUT)/log.txt'))]"
 
-test: $(INSTALL)
-	$(PY) -m pytest -q -m "not slow"
+# Two pytest workers (pytest-xdist), one test file each at a time: most tests that take time are single-threaded
+# subprocess runs, so two keep a 2-core machine busy. TEST_WORKERS=0 runs them in this process.
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-# Two pytest workers (pytest-xdist), one test file each at a time: most slow tests are single-threaded subprocess
-# runs, so two keep a 2-core CI machine busy. TEST_WORKERS=0 runs them in this process.
+test: $(INSTALL)
+	$(PY) -m pytest -q -m "not slow" $(XDIST)
+
 test-all: $(INSTALL)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+	$(PY) -m pytest -q $(XDIST) --durations=15
 
 # On a CUDA machine, in at most 5 minutes: the CUDA tests, the ViT-B/16 LUT and MAE steps (bf16, eager and
 # compiled), the SDPA kernel, the input pipeline per worker (docs/performance.md). Without CUDA it skips the GPU parts

@@ -1,8 +1,6 @@
 """Fine-tune a pre-trained encoder for image classification (or --eval a fine-tuned one), on one CPU/GPU or with
 torchrun / srun. TRAINING.md has the recipes and commands."""
 import argparse
-import json
-import os
 
 import torch
 from PIL import Image
@@ -156,10 +154,8 @@ def main(args):
     check_args(args)
     if not (args.eval or take_output_dir(args)):
         return
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own augmentations; DDP copies rank 0's initial weights
     train_loader, val_loader = build_loaders(args, train_transform(args), device)
-    print(json.dumps(vars(args), indent=1, default=str))
 
     ckpt_path = None if args.eval else find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)
     model = build_model(args, pretrained=not (args.eval or ckpt_path)).to(device)

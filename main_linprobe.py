@@ -5,8 +5,6 @@ RandomResizedCrop + flip. Features are the CLS token after the final norm; --glo
 on the mean of the pre-norm patch tokens; --lut_global: the mean of the final-norm patch tokens. Checkpoints,
 auto-resume, --eval and --dist_eval are main_finetune.py's; TRAINING.md has the commands."""
 import argparse
-import json
-import os
 
 import torch
 from timm.layers import trunc_normal_
@@ -65,10 +63,8 @@ def main(args):
     check_encoder_args(args)
     if not (args.eval or take_output_dir(args)):
         return
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
     seed_everything(args.seed + args.rank)  # each rank its own crops
     train_loader, val_loader = build_loaders(args, linprobe_transform(args.input_size), device)
-    print(json.dumps(vars(args), indent=1, default=str))
 
     ckpt_path = None if args.eval else find_resume_checkpoint(args.output_dir, args.resume, args.auto_resume)
     model = build_model(args, pretrained=not (args.eval or ckpt_path)).to(device)

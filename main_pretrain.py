@@ -3,8 +3,6 @@ the recipes and commands, docs/method.md the method."""
 import argparse
 import datetime
 import itertools
-import json
-import os
 import time
 
 import torch
@@ -134,8 +132,6 @@ def main(args):
                                columns=dict(image_column=args.image_column, label_column=args.label_column))
         except ValueError as e:
             raise SystemExit(f"--knn_freq: {e}")
-    print(f"job dir: {os.path.dirname(os.path.realpath(__file__))}")
-    print(json.dumps(vars(args), indent=1, default=str))
 
     transform = LUTTwoViews(args.input_size) if models_lut.model_class(args.model).num_views == 2 else \
         mae_transform(args.input_size)

@@ -97,11 +97,14 @@ def set_num_workers(args):
 
 
 def take_output_dir(args):
-    """False when output_dir holds this run finished, else True once the folder is this run's; every rank calls it."""
+    """False when output_dir holds this run finished, else True once the folder is this run's, after printing, as
+    MAE does, the code's folder and every argument; every rank calls it."""
     if run_is_finished(args):
         destroy_distributed()
         return False
     lock_output_dir(args.output_dir)
+    print(f"job dir: {os.path.dirname(os.path.dirname(os.path.realpath(__file__)))}")
+    print(json.dumps(vars(args), indent=1, default=str))
     return True
 
 
