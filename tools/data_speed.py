@@ -2,7 +2,9 @@
 shards, as a Hugging Face dataset saved with save_to_disk and as parquet files (converted to Arrow once, and, for
 comparison, read straight from their row groups). For each: the listing or index time per 10,000 images, images/s of
 one process (one DataLoader worker) reading the bytes and reading + decoding them in a shuffled order, and the files
-it opened for that pass (an Arrow dataset maps its files once).
+it opened for that pass (an Arrow dataset maps its files once). The passes take turns between the layouts, the best
+of three kept, so that a machine whose speed drifts gives each layout the same chances; each row's
+decode_vs_files is its decoding speed over the files'.
 
     python tools/data_speed.py --synthetic 10000 --output_json data_speed.json
     python tools/data_speed.py --data_path /datasets/imagenet-subset
@@ -54,24 +56,33 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def read_pass(images, order, decode, repeats=3):
-    """Images/s, the best of `repeats` passes."""
+def read_pass(images, order, decode):
+    """Images/s of one pass."""
     read = functools.partial(read_image, images) if decode else images.read
-    return max(len(order) / timed(lambda: [read(i) for i in order])[1] for _ in range(repeats))
+    return len(order) / timed(lambda: [read(i) for i in order])[1]
 
 
-def measure(name, open_fn, num_reads, files_opened):
-    images, seconds = timed(open_fn)
-    order = np.random.default_rng(0).permutation(len(images))[:num_reads]
-    opened_before = getattr(images, "opened", 0)
-    bytes_per_s = read_pass(images, order, decode=False, repeats=1)  # the first pass: files opened as in an epoch
-    opened = getattr(images, "opened", 0) - opened_before
-    bytes_per_s = max(bytes_per_s, read_pass(images, order, decode=False, repeats=2))
-    row = dict(layout=name, images=len(images), index_s_per_10k=seconds * 10000 / len(images),
-               read_images_per_s=bytes_per_s, decode_images_per_s=read_pass(images, order, decode=True),
-               files_opened=files_opened(images, opened), reads=len(order))
-    print(json.dumps(row), flush=True)
-    return row
+def measure(layouts, num_reads, repeats=3):
+    """layouts: (name, open_fn, files_opened(images, opened in the first pass)); one row each."""
+    rows, opened = [], []
+    for name, open_fn, files_opened in layouts:
+        images, seconds = timed(open_fn)
+        order = np.random.default_rng(0).permutation(len(images))[:num_reads]
+        before = getattr(images, "opened", 0)
+        first = read_pass(images, order, decode=False)  # the first pass: files opened as in an epoch
+        rows.append(dict(layout=name, images=len(images), index_s_per_10k=seconds * 10000 / len(images),
+                         read_images_per_s=first, decode_images_per_s=0.0,
+                         files_opened=files_opened(images, getattr(images, "opened", 0) - before),
+                         reads=len(order)))
+        opened.append((images, order))
+    for _ in range(repeats):  # in turns: each layout, then the next, and again
+        for row, (images, order) in zip(rows, opened):
+            row["read_images_per_s"] = max(row["read_images_per_s"], read_pass(images, order, decode=False))
+            row["decode_images_per_s"] = max(row["decode_images_per_s"], read_pass(images, order, decode=True))
+    for row in rows:
+        row["decode_vs_files"] = row["decode_images_per_s"] / rows[0]["decode_images_per_s"]
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def parquet_row_groups(files, num_reads):
@@ -109,24 +120,21 @@ def main(args):
     if args.synthetic:
         folder = os.path.join(work, "folder")
         synthetic_folder(os.path.join(folder, "train"), args.synthetic)
-    rows, run = [], lambda *cmd: subprocess.run([sys.executable, *cmd], check=True, capture_output=True)
-    rows.append(measure("image files", lambda: sources.open_images(folder, labelled=False), args.num_reads,
-                        lambda images, _: args.num_reads))
+    layouts, run = [], lambda *cmd: subprocess.run([sys.executable, *cmd], check=True, capture_output=True)
+    layouts += [("image files", lambda: sources.open_images(folder, labelled=False), lambda _, __: args.num_reads)]
     for size in args.shard_sizes:
         out = os.path.join(work, f"wds_{size}")
         shutil.rmtree(out, ignore_errors=True)
         run(os.path.join(ROOT, "tools", "pack_shards.py"), "--data_path", folder, "--out", out, "--splits", "train",
             "--shard_size", str(size))
         shards = len(os.listdir(os.path.join(out, "train")))
-        rows.append(measure(f"tar shards of {size} ({shards} shards)",
-                            lambda: sources.open_images(out, labelled=False), args.num_reads,
-                            lambda images, opened: opened))
+        layouts.append((f"tar shards of {size} ({shards} shards)",
+                        functools.partial(sources.open_images, out, labelled=False), lambda _, opened: opened))
     hf = datasets_of(folder, work)
-    rows.append(measure("save_to_disk (Arrow)", lambda: sources.open_images(hf["saved"], labelled=False),
-                        args.num_reads, lambda images, _: len(images.ds.cache_files)))
-    rows.append(measure("parquet, converted to Arrow once", lambda: sources.open_images(hf["parquet"],
-                                                                                        labelled=False),
-                        args.num_reads, lambda images, _: len(images.ds.cache_files)))
+    for name, key in (("save_to_disk (Arrow)", "saved"), ("parquet, converted to Arrow once", "parquet")):
+        layouts.append((name, functools.partial(sources.open_images, hf[key], labelled=False),
+                        lambda images, _: len(images.ds.cache_files)))
+    rows = measure(layouts, args.num_reads)
     rows.append(parquet_row_groups(hf["parquet_files"], min(args.num_reads, 200)))
     print(json.dumps(rows, indent=1))
     if args.output_json:
