@@ -120,13 +120,12 @@ def main(args):
     if args.synthetic:
         folder = os.path.join(work, "folder")
         synthetic_folder(os.path.join(folder, "train"), args.synthetic)
-    layouts, run = [], lambda *cmd: subprocess.run([sys.executable, *cmd], check=True, capture_output=True)
-    layouts += [("image files", lambda: sources.open_images(folder, labelled=False), lambda _, __: args.num_reads)]
+    layouts = [("image files", lambda: sources.open_images(folder, labelled=False), lambda _, __: args.num_reads)]
     for size in args.shard_sizes:
         out = os.path.join(work, f"wds_{size}")
         shutil.rmtree(out, ignore_errors=True)
-        run(os.path.join(ROOT, "tools", "pack_shards.py"), "--data_path", folder, "--out", out, "--splits", "train",
-            "--shard_size", str(size))
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", "pack_shards.py"), "--data_path", folder, "--out",
+                        out, "--splits", "train", "--shard_size", str(size)], check=True, capture_output=True)
         shards = len(os.listdir(os.path.join(out, "train")))
         layouts.append((f"tar shards of {size} ({shards} shards)",
                         functools.partial(sources.open_images, out, labelled=False), lambda _, opened: opened))
